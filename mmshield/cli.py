@@ -1,0 +1,136 @@
+"""The ``mmshield`` command: ``init``, ``run``, ``runs``, ``report``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib import resources
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from mmshield.errors import MMShieldError
+
+DEFAULT_STORE = "runs/mmshield.db"
+console = Console()
+
+
+def example_config() -> str:
+    """The commented example configuration (the demo's)."""
+    return resources.files("mmshield.configs").joinpath("demo.yaml").read_text(encoding="utf-8")
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    """Write a commented example config into DIR."""
+    target = Path(args.dir) / "mmshield.yaml"
+    if target.exists() and not args.force:
+        console.print(f"[red]{target} exists[/red]; pass --force to overwrite it")
+        return 1
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(example_config(), encoding="utf-8")
+    console.print(f"wrote {target}\nnext: [bold]mmshield run {target}[/bold]")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Train the run a config describes, store it and write its report."""
+    from mmshield.api import run
+    from mmshield.config import load_config
+
+    config = load_config(args.config)
+    if args.rounds is not None:
+        config = config.model_copy(
+            update={"training": config.training.model_copy(update={"rounds": args.rounds})}
+        )
+    console.print(
+        f"[bold]{config.name}[/bold]: {config.dataset.name}, {config.partition.clients} clients, "
+        f"{config.training.rounds} rounds"
+    )
+    outcome = run(config, store_path=args.store, progress=not args.quiet)
+    s = outcome.summary
+    table = Table(title=f"run {outcome.run_id}", show_header=False)
+    table.add_row("test accuracy (all modalities)", f"{s['accuracy']:.4f}")
+    for subset, acc in s["accuracy_by_modalities"].items():
+        table.add_row(f"  with only {subset}", f"{acc:.4f}")
+    table.add_row("wall time", f"{s['wall_seconds']:.1f} s")
+    table.add_row(
+        "bytes up / down", f"{s['bytes_up'] / 1e6:.1f} MB / {s['bytes_down'] / 1e6:.1f} MB"
+    )
+    table.add_row(
+        "differential privacy", "off" if s["epsilon"] is None else f"ε = {s['epsilon']:.3g}"
+    )
+    console.print(table)
+    for note in s.get("notes", []):
+        console.print(f"[yellow]note:[/yellow] {note}")
+    console.print(f"report: [bold]{outcome.report_path}[/bold]")
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    """List the runs in the store."""
+    from mmshield.report.html import format_runs_table
+    from mmshield.report.store import RunStore
+
+    if not Path(args.store).exists():
+        console.print(f"no run store at {args.store}; `mmshield run CONFIG` creates it")
+        return 0
+    console.print(format_runs_table(RunStore(args.store).list_runs()))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Write a run's HTML report and print its path."""
+    from mmshield.report.html import render_report
+    from mmshield.report.store import RunStore
+
+    store = RunStore(args.store)
+    info = store.get_run(args.run)
+    path = render_report(store, info.run_id, Path(args.out) if args.out else None)
+    print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``mmshield`` command."""
+    parser = argparse.ArgumentParser(
+        prog="mmshield", description="Privacy-preserving multimodal federated learning."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("init", help="write a commented example config")
+    p.add_argument("dir", nargs="?", default=".")
+    p.add_argument("--force", action="store_true", help="overwrite an existing mmshield.yaml")
+    p.set_defaults(func=cmd_init)
+    p = sub.add_parser("run", help="train the run a config describes")
+    p.add_argument("config")
+    p.add_argument("--store", default=DEFAULT_STORE, help=f"run store (default {DEFAULT_STORE})")
+    p.add_argument("--rounds", type=int, default=None, help="override training.rounds")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("runs", help="list runs")
+    p.add_argument("--store", default=DEFAULT_STORE)
+    p.set_defaults(func=cmd_runs)
+    p = sub.add_parser("report", help="write a run's HTML report and print its path")
+    p.add_argument("run", help="run id or a unique prefix of it")
+    p.add_argument("--store", default=DEFAULT_STORE)
+    p.add_argument("--out", default=None, help="output file (default: RUN_DIR/report.html)")
+    p.set_defaults(func=cmd_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``mmshield`` command."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except MMShieldError as exc:
+        console.print("[bold red]error:[/bold red]", end=" ")
+        console.print(str(exc), highlight=False, markup=False)
+        return 2
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

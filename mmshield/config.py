@@ -1,0 +1,180 @@
+"""Typed run configuration (pydantic), loaded from YAML.
+
+Unknown keys are refused and every error names the key, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from mmshield.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ManifestModalityConfig(_Strict):
+    """One modality of a manifest data set."""
+
+    kind: Literal["image", "audio", "text", "tabular"]
+    column: str | None = None
+    columns: list[str] = Field(default_factory=list)
+    size: int | None = Field(default=None, ge=1)
+    image_size: int = Field(default=28, ge=4, le=512)
+    channels: Literal[1, 3] = 1
+
+
+class DatasetConfig(_Strict):
+    """Where the records come from."""
+
+    name: Literal["av-digits", "fedprox-synthetic", "manifest"] = "av-digits"
+    alpha: float = Field(default=1.0, ge=0, description="fedprox-synthetic: model heterogeneity")
+    beta: float = Field(default=1.0, ge=0, description="fedprox-synthetic: feature heterogeneity")
+    path: Path | None = Field(default=None, description="manifest: JSONL or CSV file")
+    modalities: dict[str, ManifestModalityConfig] = Field(default_factory=dict)
+    id_column: str = "id"
+    label_column: str = "label"
+    classes: list[str] | None = None
+    on_bad_record: Literal["fail", "skip"] = "fail"
+    test_fraction: float = Field(default=0.2, gt=0, lt=1, description="manifest: held-out share")
+
+    @model_validator(mode="after")
+    def _manifest_needs_path(self) -> DatasetConfig:
+        if self.name == "manifest" and (self.path is None or not self.modalities):
+            raise ValueError("dataset.name 'manifest' needs dataset.path and dataset.modalities")
+        return self
+
+
+class PartitionConfig(_Strict):
+    """How records and modalities are spread over clients."""
+
+    clients: int = Field(default=20, ge=1)
+    scheme: Literal["iid", "dirichlet", "quantity", "natural"] = "dirichlet"
+    alpha: float = Field(default=0.5, gt=0, description="dirichlet label-skew concentration")
+    beta: float = Field(default=1.0, gt=0, description="quantity-skew concentration")
+    missing_modality: dict[str, float] = Field(
+        default_factory=dict, description="modality -> probability a client lacks it entirely"
+    )
+
+
+class ModelConfig(_Strict):
+    """Architecture."""
+
+    fusion: Literal["attention", "concat"] = "attention"
+    embed_dim: int = Field(default=64, ge=1)
+    fusion_hidden: int = Field(default=64, ge=0)
+
+
+class TrainingConfig(_Strict):
+    """Federated training."""
+
+    rounds: int = Field(default=20, ge=1)
+    clients_per_round: int | None = Field(default=None, ge=1, description="default: all clients")
+    local_epochs: int = Field(default=1, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    lr: float = Field(default=0.05, gt=0)
+    momentum: float = Field(default=0.0, ge=0, lt=1)
+    weight_decay: float = Field(default=0.0, ge=0)
+    server_lr: float = Field(default=1.0, gt=0)
+    eval_every: int = Field(default=1, ge=1)
+
+
+class SimulationConfig(_Strict):
+    """Where and how the simulator runs."""
+
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    cohort_size: int | None = Field(default=None, ge=1, description="default: fit 2 GB")
+    threads: int | None = Field(default=None, ge=1, description="torch CPU threads")
+
+
+class RunConfig(_Strict):
+    """A whole run: data, partition, model, training, simulator."""
+
+    name: str = "run"
+    seed: int = 0
+    dataset: DatasetConfig = Field(default_factory=DatasetConfig)
+    partition: PartitionConfig = Field(default_factory=PartitionConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    simulation: SimulationConfig = Field(default_factory=SimulationConfig)
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Field names allowed at ``loc``'s parent, walking nested models."""
+    current: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int) or current is None:
+            return []
+        field = current.model_fields.get(str(part))
+        if field is None:
+            return []
+        annotation = field.annotation
+        args = getattr(annotation, "__args__", ())
+        candidates = [annotation, *args]
+        current = next(
+            (c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None
+        )
+        if current is None and args:  # dict[str, Model]: the key is a free name
+            current = next(
+                (a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), None
+            )
+    if not (isinstance(current, type) and issubclass(current, BaseModel)):
+        return []
+    return list(current.model_fields)
+
+
+def config_from_dict(data: dict[str, Any], source: str = "config") -> RunConfig:
+    """Validate a mapping into a :class:`RunConfig`.
+
+    Raises
+    ------
+    ConfigError
+        Naming every bad key, its value and what is allowed.
+    """
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = [f"{source}: invalid configuration:"]
+        for err in exc.errors():
+            key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            if err["type"] == "extra_forbidden":
+                allowed = _allowed_keys(RunConfig, err["loc"])
+                hint = f"; allowed keys here: {', '.join(allowed)}" if allowed else ""
+                lines.append(f"  {key}: unknown key{hint}")
+            else:
+                lines.append(f"  {key}: {err['msg']} (got {err.get('input')!r})")
+        raise ConfigError("\n".join(lines)) from None
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Load and validate a YAML config file.
+
+    Relative ``dataset.path`` values are resolved against the config file's directory.
+    """
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found; `mmshield init` writes one") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level")
+    dataset = raw.get("dataset")
+    if isinstance(dataset, dict) and isinstance(dataset.get("path"), str):
+        p = Path(dataset["path"])
+        if not p.is_absolute():
+            dataset["path"] = str((path.parent / p).resolve())
+    return config_from_dict(raw, source=str(path))
+
+
+def config_to_yaml(config: RunConfig) -> str:
+    """Serialise a config to YAML (paths as strings)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,1 @@
+"""Federated core: local training, aggregation, strategies and evaluation (transport-agnostic)."""

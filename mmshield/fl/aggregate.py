@@ -1,0 +1,72 @@
+"""Streaming, modality-aware weighted averaging of client updates.
+
+Clients arrive in cohorts; the accumulator keeps only one running sum per parameter, so memory
+does not grow with the number of clients. An encoder's parameters are averaged only over the
+clients that hold that modality: a client without audio never pulls the audio encoder toward the
+global value it started from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from mmshield.models.model import modality_of_parameter
+
+
+class ModalityAwareMean:
+    """Weighted mean of client deltas, per parameter over the clients that hold its modality.
+
+    Parameters
+    ----------
+    template
+        ``name -> tensor`` giving the parameter names, shapes, dtype and device.
+    """
+
+    def __init__(self, template: Mapping[str, torch.Tensor]) -> None:
+        self._sum = {k: torch.zeros_like(v) for k, v in template.items()}
+        self._weight = {
+            k: torch.zeros((), dtype=v.dtype, device=v.device) for k, v in template.items()
+        }
+        self.clients = 0
+
+    def add(
+        self,
+        deltas: Mapping[str, torch.Tensor],
+        examples: torch.Tensor,
+        modality_examples: Mapping[str, torch.Tensor],
+    ) -> None:
+        """Add a cohort of ``K`` client updates.
+
+        Parameters
+        ----------
+        deltas
+            ``name -> (K, *shape)`` local minus global parameters.
+        examples
+            ``(K,)`` number of records each client trained on (its weight).
+        modality_examples
+            ``modality -> (K,)`` records in which that modality is present; a client with 0 is
+            left out of that modality's encoder average.
+        """
+        self.clients += int(examples.shape[0])
+        for name, delta in deltas.items():
+            modality = modality_of_parameter(name)
+            w = examples.to(delta.dtype)
+            if modality is not None and modality in modality_examples:
+                w = torch.where(modality_examples[modality] > 0, w, torch.zeros_like(w))
+            self._sum[name] += torch.tensordot(w, delta, dims=1)
+            self._weight[name] += w.sum()
+
+    def mean(self) -> dict[str, torch.Tensor]:
+        """Weighted mean delta per parameter (zero where no client contributed)."""
+        return {
+            k: torch.where(
+                self._weight[k] > 0, s / self._weight[k].clamp_min(1e-12), torch.zeros_like(s)
+            )
+            for k, s in self._sum.items()
+        }
+
+    def contributors(self) -> dict[str, float]:
+        """Total weight behind each parameter's average."""
+        return {k: float(v) for k, v in self._weight.items()}

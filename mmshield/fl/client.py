@@ -1,0 +1,221 @@
+"""Client-side local training: the batch schedule, the vectorised trainer and its reference.
+
+Local training is minibatch SGD (PyTorch's ``torch.optim.SGD`` semantics: weight decay added to
+the gradient, heavy-ball momentum without dampening) over ``local_epochs`` shuffled passes of the
+client's data. :func:`batch_schedule` fixes which records form each step, so the vectorised trainer
+(:func:`train_stacked`, all clients of a cohort at once with ``torch.func.vmap``) and the plain
+per-client loop (:func:`train_client_sequential`, the reference and what a real site runs) do the
+same work and give the same update up to floating-point summation order.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, grad_and_value, vmap
+
+from mmshield.data.dataset import MultimodalDataset
+from mmshield.models.model import MultimodalModel
+
+
+@dataclass(frozen=True)
+class LocalTraining:
+    """Hyper-parameters of local training.
+
+    Parameters
+    ----------
+    local_epochs
+        Passes over the client's data per round.
+    batch_size
+        Records per step (the last step of an epoch may be smaller).
+    lr
+        Learning rate.
+    momentum
+        Heavy-ball momentum (0 for plain SGD); the buffer starts at zero every round.
+    weight_decay
+        L2 penalty added to the gradient.
+    """
+
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.05
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+
+    def steps(self, n: int) -> int:
+        """Number of local steps a client with ``n`` records takes."""
+        return self.local_epochs * math.ceil(n / self.batch_size) if n > 0 else 0
+
+
+def client_seed(seed: int, round: int, client: int) -> int:
+    """Seed of one client's shuffling in one round, derived from the run seed."""
+    return int(np.random.SeedSequence([seed, round, client, 0x5EED]).generate_state(1)[0])
+
+
+def batch_schedule(n: int, training: LocalTraining, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which local records form each step.
+
+    Parameters
+    ----------
+    n
+        Number of records the client holds.
+    training
+        Local training settings.
+    seed
+        Client's seed for this round (:func:`client_seed`).
+
+    Returns
+    -------
+    index, weight
+        ``(steps, batch_size)`` int64 local indices and float32 weights (1 for a real record,
+        0 for padding in the last, partial batch of an epoch).
+    """
+    b = training.batch_size
+    per_epoch = math.ceil(n / b) if n > 0 else 0
+    steps = per_epoch * training.local_epochs
+    index = torch.zeros((steps, b), dtype=torch.int64)
+    weight = torch.zeros((steps, b), dtype=torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    for e in range(training.local_epochs):
+        order = torch.randperm(n, generator=gen)
+        for s in range(per_epoch):
+            chunk = order[s * b : (s + 1) * b]
+            index[e * per_epoch + s, : len(chunk)] = chunk
+            weight[e * per_epoch + s, : len(chunk)] = 1.0
+    return index, weight
+
+
+def _weighted_loss(
+    logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor
+) -> torch.Tensor:
+    ce = F.cross_entropy(logits, labels, reduction="none")
+    return (ce * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+def train_client_sequential(
+    model: MultimodalModel, data: MultimodalDataset, training: LocalTraining, seed: int
+) -> tuple[dict[str, torch.Tensor], float]:
+    """Train one client with a plain PyTorch loop (the reference implementation).
+
+    Parameters
+    ----------
+    model
+        Model holding the global parameters; trained in place.
+    data
+        The client's local records.
+    training
+        Local training settings.
+    seed
+        Client's seed for this round (:func:`client_seed`).
+
+    Returns
+    -------
+    state, mean_loss
+        A copy of the trained parameters and the mean training loss over the steps.
+    """
+    index, weight = batch_schedule(len(data), training, seed)
+    opt = torch.optim.SGD(
+        model.parameters(),
+        lr=training.lr,
+        momentum=training.momentum,
+        weight_decay=training.weight_decay,
+    )
+    model.train()
+    losses = []
+    for s in range(index.shape[0]):
+        rows = index[s][weight[s] > 0]
+        inputs = {m: data.inputs[m][rows] for m in data.modalities}
+        present = {m: data.present[m][rows] for m in data.modalities}
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(inputs, present), data.labels[rows])
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    state = {k: v.detach().clone() for k, v in model.named_parameters()}
+    return state, float(np.mean(losses)) if losses else float("nan")
+
+
+def train_stacked(
+    model: MultimodalModel,
+    params: Mapping[str, torch.Tensor],
+    data: MultimodalDataset,
+    index: torch.Tensor,
+    weight: torch.Tensor,
+    training: LocalTraining,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Train a cohort of clients at once, vectorised over clients with ``torch.func.vmap``.
+
+    Parameters
+    ----------
+    model
+        The architecture (its own parameters are not used; buffers are shared).
+    params
+        ``name -> (K, *shape)`` stacked starting parameters, one slice per client.
+    data
+        The records of all clients (on the training device).
+    index
+        ``(K, steps, batch)`` int64 rows of ``data`` for each client's steps (padding: any row).
+    weight
+        ``(K, steps, batch)`` float weights: 1 for a real record, 0 for padding. A step whose
+        weights are all zero leaves that client's parameters and momentum untouched, which is how
+        clients with fewer steps than the longest one are handled exactly.
+    training
+        Local training settings.
+
+    Returns
+    -------
+    params, mean_loss
+        Trained stacked parameters and each client's mean loss over its real steps.
+    """
+    buffers = dict(model.named_buffers())
+    names = list(params.keys())
+
+    def loss_fn(
+        p: dict[str, torch.Tensor],
+        inputs: dict[str, torch.Tensor],
+        present: dict[str, torch.Tensor],
+        labels: torch.Tensor,
+        w: torch.Tensor,
+    ) -> torch.Tensor:
+        logits = functional_call(model, (p, buffers), (inputs, present))
+        return _weighted_loss(logits, labels, w)
+
+    step_fn = vmap(grad_and_value(loss_fn))
+    current = {k: v.clone() for k, v in params.items()}
+    momentum = {k: torch.zeros_like(v) for k, v in current.items()} if training.momentum else {}
+    k_clients, steps = index.shape[0], index.shape[1]
+    loss_sum = torch.zeros(k_clients, device=weight.device)
+    real_steps = torch.zeros(k_clients, device=weight.device)
+    modalities = data.modalities
+    for s in range(steps):
+        rows = index[:, s]
+        w = weight[:, s]
+        active = w.sum(1) > 0
+        if not bool(active.any()):
+            continue
+        inputs = {m: data.inputs[m][rows] for m in modalities}
+        present = {m: data.present[m][rows] for m in modalities}
+        grads, loss = step_fn(current, inputs, present, data.labels[rows], w)
+        for name in names:
+            p = current[name]
+            g = grads[name]
+            if training.weight_decay:
+                g = g + training.weight_decay * p
+            if training.momentum:
+                buf = momentum[name] * training.momentum + g
+                g = buf
+                momentum[name] = _where_active(active, buf, momentum[name])
+            current[name] = _where_active(active, p - training.lr * g, p)
+        loss_sum += torch.where(active, loss, torch.zeros_like(loss))
+        real_steps += active.to(real_steps.dtype)
+    return current, loss_sum / real_steps.clamp_min(1.0)
+
+
+def _where_active(active: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    shape = (active.shape[0],) + (1,) * (new.dim() - 1)
+    return torch.where(active.view(shape), new, old)

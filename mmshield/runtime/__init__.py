@@ -1,0 +1,1 @@
+"""Runtimes: where rounds run (in-process simulator; Flower adapter)."""

@@ -1,0 +1,324 @@
+"""The vectorised in-process simulator.
+
+Each round samples clients, then trains them in cohorts: the cohort's parameters are stacked
+along a leading client axis and one ``torch.func.vmap`` step trains every client of the cohort at
+once (see :func:`mmshield.fl.client.train_stacked`). Cohort deltas stream into a modality-aware
+weighted mean, so memory is bounded by the cohort size, not by the number of clients.
+
+Determinism: one seed drives client sampling and every client's shuffling; the same seed and
+cohort size give the same model bit for bit on the same machine, and another cohort size changes
+only the order of floating-point sums.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from mmshield.data.dataset import FederatedDataset, MultimodalDataset
+from mmshield.errors import TrainingError
+from mmshield.fl.aggregate import ModalityAwareMean
+from mmshield.fl.client import LocalTraining, batch_schedule, client_seed, train_stacked
+from mmshield.fl.evaluate import evaluate
+from mmshield.fl.fedavg import FedAvg
+from mmshield.models.model import MultimodalModel
+
+BYTES_PER_PARAMETER = 4  # float32 on the wire
+
+
+@dataclass
+class RoundRecord:
+    """What happened in one round."""
+
+    round: int
+    clients: int
+    train_loss: float
+    test_loss: float | None
+    test_accuracy: float | None
+    seconds: float
+    bytes_up: int
+    bytes_down: int
+
+
+@dataclass
+class SimulationResult:
+    """Outcome of :func:`simulate`."""
+
+    model: MultimodalModel
+    history: list[RoundRecord] = field(default_factory=list)
+    wall_seconds: float = 0.0
+    cohort_size: int = 0
+
+    @property
+    def bytes_up(self) -> int:
+        """Bytes clients would have uploaded in total."""
+        return sum(r.bytes_up for r in self.history)
+
+    @property
+    def bytes_down(self) -> int:
+        """Bytes the server would have sent in total."""
+        return sum(r.bytes_down for r in self.history)
+
+
+def sample_clients(num_clients: int, per_round: int, seed: int, round: int) -> np.ndarray:
+    """Clients taking part in ``round``: uniform without replacement, sorted."""
+    if per_round >= num_clients:
+        return np.arange(num_clients)
+    rng = np.random.default_rng(np.random.SeedSequence([seed, round, 0xC11E]))
+    return np.sort(rng.choice(num_clients, size=per_round, replace=False))
+
+
+def auto_cohort_size(
+    model: MultimodalModel, sample: MultimodalDataset, batch_size: int, budget_bytes: int = 2 << 30
+) -> int:
+    """Largest cohort whose stacked training state and activations fit in ``budget_bytes``.
+
+    The estimate counts parameters, gradients, momentum and a working copy per client, plus the
+    outputs of every leaf module for one batch, three times over (forward, backward, temporaries).
+    """
+    n_params = sum(p.numel() for p in model.parameters())
+    activations = 0
+
+    def hook(_m: torch.nn.Module, _i: object, out: object) -> None:
+        nonlocal activations
+        if isinstance(out, torch.Tensor):
+            activations += out.numel()
+
+    leaves = [m for m in model.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    try:
+        with torch.no_grad():
+            one = sample.subset([0])
+            model(one.inputs, one.present)
+    finally:
+        for h in handles:
+            h.remove()
+    per_client = 4 * (4 * n_params + 3 * activations * batch_size)
+    return max(1, int(budget_bytes // max(per_client, 1)))
+
+
+def simulate(
+    model: MultimodalModel,
+    data: FederatedDataset,
+    *,
+    rounds: int,
+    clients_per_round: int,
+    training: LocalTraining,
+    seed: int = 0,
+    server: FedAvg | None = None,
+    device: str = "cpu",
+    cohort_size: int | None = None,
+    eval_every: int = 1,
+    progress: bool = False,
+    on_round: Callable[[RoundRecord], None] | None = None,
+) -> SimulationResult:
+    """Run federated training of ``model`` over the clients of ``data``.
+
+    Parameters
+    ----------
+    model
+        Initial global model (not modified; the result holds the trained copy).
+    data
+        Training records split across clients, and the held-out test set.
+    rounds
+        Number of rounds.
+    clients_per_round
+        Clients sampled each round (uniformly, without replacement).
+    training
+        Local training settings.
+    seed
+        Drives client sampling and local shuffling.
+    server
+        Server optimiser (default plain FedAvg).
+    device
+        ``"cpu"``, ``"cuda"`` or ``"auto"``.
+    cohort_size
+        Clients trained together in one vectorised pass (default: as many as fit in 2 GB).
+    eval_every
+        Evaluate on the test set every this many rounds (and always after the last).
+    progress
+        Show a rich progress bar.
+    on_round
+        Called with each round's record (e.g. to write it to the run store).
+
+    Returns
+    -------
+    SimulationResult
+    """
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    server = server or FedAvg()
+    start = time.perf_counter()
+    global_model = _copy_model(model).to(dev)
+    train = _to_device(data.train, dev)
+    sizes = np.array([len(ix) for ix in data.client_indices])
+    modality_counts = {
+        m: np.array(
+            [int(data.train.present[m][torch.as_tensor(ix)].sum()) for ix in data.client_indices]
+        )
+        for m in data.train.modalities
+    }
+    if cohort_size is None:
+        cohort_size = auto_cohort_size(global_model, train, training.batch_size)
+    cohort_size = max(1, min(cohort_size, clients_per_round, data.num_clients))
+    n_params = sum(p.numel() for p in global_model.parameters())
+    result = SimulationResult(model=global_model, cohort_size=cohort_size)
+
+    bar = _progress_bar(progress)
+    task = bar.add_task("training", total=rounds, status="") if bar else None
+    try:
+        if bar:
+            bar.start()
+        for rnd in range(1, rounds + 1):
+            t0 = time.perf_counter()
+            chosen = sample_clients(data.num_clients, clients_per_round, seed, rnd)
+            global_params = {k: v.detach() for k, v in global_model.named_parameters()}
+            acc = ModalityAwareMean(global_params)
+            losses: list[torch.Tensor] = []
+            for c0 in range(0, len(chosen), cohort_size):
+                cohort = chosen[c0 : c0 + cohort_size]
+                losses.append(
+                    _train_cohort(
+                        global_model,
+                        global_params,
+                        train,
+                        data,
+                        cohort,
+                        sizes,
+                        modality_counts,
+                        training,
+                        seed,
+                        rnd,
+                        acc,
+                        dev,
+                    )
+                )
+            new_params = server.step(global_params, acc.mean())
+            _check_finite(new_params, rnd)
+            with torch.no_grad():
+                for name, p in global_model.named_parameters():
+                    p.copy_(new_params[name])
+            train_loss = float(torch.cat(losses).mean())
+            test_loss = test_acc = None
+            if rnd % eval_every == 0 or rnd == rounds:
+                test_loss, test_acc = evaluate(global_model, data.test)
+            record = RoundRecord(
+                round=rnd,
+                clients=len(chosen),
+                train_loss=train_loss,
+                test_loss=test_loss,
+                test_accuracy=test_acc,
+                seconds=time.perf_counter() - t0,
+                bytes_up=len(chosen) * n_params * BYTES_PER_PARAMETER,
+                bytes_down=len(chosen) * n_params * BYTES_PER_PARAMETER,
+            )
+            result.history.append(record)
+            if on_round is not None:
+                on_round(record)
+            if bar and task is not None:
+                acc_txt = f"acc {test_acc:.3f}" if test_acc is not None else ""
+                bar.update(task, advance=1, status=f"loss {train_loss:.3f} {acc_txt}")
+    finally:
+        if bar:
+            bar.stop()
+    result.wall_seconds = time.perf_counter() - start
+    return result
+
+
+def _train_cohort(
+    model: MultimodalModel,
+    global_params: dict[str, torch.Tensor],
+    train: MultimodalDataset,
+    data: FederatedDataset,
+    cohort: np.ndarray,
+    sizes: np.ndarray,
+    modality_counts: dict[str, np.ndarray],
+    training: LocalTraining,
+    seed: int,
+    rnd: int,
+    acc: ModalityAwareMean,
+    dev: torch.device,
+) -> torch.Tensor:
+    """Train one cohort and add its deltas to ``acc``; return the clients' mean losses."""
+    schedules = [
+        batch_schedule(int(sizes[c]), training, client_seed(seed, rnd, int(c))) for c in cohort
+    ]
+    steps = max(s[0].shape[0] for s in schedules)
+    k = len(cohort)
+    index = torch.zeros((k, steps, training.batch_size), dtype=torch.int64)
+    weight = torch.zeros((k, steps, training.batch_size), dtype=torch.float32)
+    for i, (c, (ix, w)) in enumerate(zip(cohort, schedules, strict=True)):
+        rows = torch.as_tensor(data.client_indices[int(c)], dtype=torch.int64)
+        if ix.shape[0]:
+            index[i, : ix.shape[0]] = rows[ix] if rows.numel() else 0
+            weight[i, : ix.shape[0]] = w
+    index, weight = index.to(dev), weight.to(dev)
+    stacked = {n: p.unsqueeze(0).expand(k, *p.shape).clone() for n, p in global_params.items()}
+    trained, loss = train_stacked(model, stacked, train, index, weight, training)
+    deltas = {n: trained[n] - global_params[n] for n in trained}
+    examples = torch.as_tensor(sizes[cohort], dtype=torch.float32, device=dev)
+    mod_examples = {
+        m: torch.as_tensor(v[cohort], dtype=torch.float32, device=dev)
+        for m, v in modality_counts.items()
+    }
+    _check_cohort_finite(deltas, cohort, rnd)
+    acc.add(deltas, examples, mod_examples)
+    return loss.detach().cpu()
+
+
+def _check_cohort_finite(deltas: dict[str, torch.Tensor], cohort: np.ndarray, rnd: int) -> None:
+    bad = torch.zeros(len(cohort), dtype=torch.bool, device=next(iter(deltas.values())).device)
+    for d in deltas.values():
+        bad |= ~torch.isfinite(d.flatten(1)).all(1)
+    if bool(bad.any()):
+        clients = [int(c) for c, b in zip(cohort, bad.cpu().tolist(), strict=True) if b]
+        raise TrainingError(
+            f"round {rnd}: client(s) {clients} produced non-finite (NaN/inf) updates; "
+            "lower `training.lr`, check those clients' data for extreme values, or enable "
+            "update clipping."
+        )
+
+
+def _check_finite(params: dict[str, torch.Tensor], rnd: int) -> None:
+    for name, p in params.items():
+        if not bool(torch.isfinite(p).all()):
+            raise TrainingError(f"round {rnd}: global parameter {name!r} became non-finite")
+
+
+def _copy_model(model: MultimodalModel) -> MultimodalModel:
+    import copy
+
+    return copy.deepcopy(model)
+
+
+def _to_device(ds: MultimodalDataset, dev: torch.device) -> MultimodalDataset:
+    if dev.type == "cpu":
+        return ds
+    return MultimodalDataset(
+        specs=ds.specs,
+        inputs={k: v.to(dev) for k, v in ds.inputs.items()},
+        present={k: v.to(dev) for k, v in ds.present.items()},
+        labels=ds.labels.to(dev),
+        classes=ds.classes,
+        ids=ds.ids,
+        name=ds.name,
+        meta=ds.meta,
+    )
+
+
+def _progress_bar(enabled: bool) -> Progress | None:
+    if not enabled:
+        return None
+    return Progress(
+        TextColumn("[bold]round {task.completed}/{task.total}"),
+        BarColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
