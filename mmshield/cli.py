@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args))
     except MMShieldError as exc:
         console.print("[bold red]error:[/bold red]", end=" ")
-        console.print(str(exc), highlight=False, markup=False)
+        console.print(str(exc), highlight=False, markup=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         console.print("interrupted")

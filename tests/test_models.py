@@ -76,12 +76,3 @@ def test_same_seed_same_initialisation() -> None:
     c = build_model(data.specs, 4, seed=4).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
-
-
-def test_matmul_conv_equals_conv2d() -> None:
-    from mmshield.models.encoders import MatmulConv2d
-
-    conv = MatmulConv2d(3, 8, kernel_size=5, stride=2, padding=2)
-    x = torch.randn(4, 3, 13, 11)
-    ref = torch.nn.functional.conv2d(x, conv.weight, conv.bias, stride=2, padding=2)
-    torch.testing.assert_close(conv(x), ref, atol=1e-5, rtol=1e-5)

@@ -161,9 +161,9 @@ def train_stacked(
     index
         ``(K, steps, batch)`` int64 rows of ``data`` for each client's steps (padding: any row).
     weight
-        ``(K, steps, batch)`` float weights: 1 for a real record, 0 for padding. A step whose
-        weights are all zero leaves that client's parameters and momentum untouched, which is how
-        clients with fewer steps than the longest one are handled exactly.
+        ``(K, steps, batch)`` float weights: 1 for a real record, 0 for padding. Each client's
+        real steps come first; once they end, its parameters and momentum are left untouched,
+        which is how clients with fewer steps than the longest one are handled exactly.
     training
         Local training settings.
 
@@ -186,36 +186,39 @@ def train_stacked(
         return _weighted_loss(logits, labels, w)
 
     step_fn = vmap(grad_and_value(loss_fn))
-    current = {k: v.clone() for k, v in params.items()}
+    k_clients = index.shape[0]
+    # A client's schedule is a prefix of the steps (its real steps come first). Sorting clients
+    # by schedule length, longest first, makes the clients still training at any step a prefix of
+    # the cohort, so each step computes on a view of that prefix and skips finished clients.
+    has_work = weight.sum(2) > 0  # (K, steps)
+    lengths = has_work.sum(1)
+    order = torch.argsort(lengths, descending=True, stable=True)
+    index, weight, lengths = index[order], weight[order], lengths[order]
+    current = {k: v[order].clone() for k, v in params.items()}
     momentum = {k: torch.zeros_like(v) for k, v in current.items()} if training.momentum else {}
-    k_clients, steps = index.shape[0], index.shape[1]
     loss_sum = torch.zeros(k_clients, device=weight.device)
-    real_steps = torch.zeros(k_clients, device=weight.device)
     modalities = data.modalities
+    steps = int(lengths[0]) if k_clients else 0
     for s in range(steps):
-        rows = index[:, s]
-        w = weight[:, s]
-        active = w.sum(1) > 0
-        if not bool(active.any()):
-            continue
+        n = int((lengths > s).sum())
+        rows = index[:n, s]
+        w = weight[:n, s]
         inputs = {m: data.inputs[m][rows] for m in modalities}
         present = {m: data.present[m][rows] for m in modalities}
-        grads, loss = step_fn(current, inputs, present, data.labels[rows], w)
-        for name in names:
-            p = current[name]
-            g = grads[name]
-            if training.weight_decay:
-                g = g + training.weight_decay * p
-            if training.momentum:
-                buf = momentum[name] * training.momentum + g
-                g = buf
-                momentum[name] = _where_active(active, buf, momentum[name])
-            current[name] = _where_active(active, p - training.lr * g, p)
-        loss_sum += torch.where(active, loss, torch.zeros_like(loss))
-        real_steps += active.to(real_steps.dtype)
-    return current, loss_sum / real_steps.clamp_min(1.0)
-
-
-def _where_active(active: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
-    shape = (active.shape[0],) + (1,) * (new.dim() - 1)
-    return torch.where(active.view(shape), new, old)
+        active = {k: v[:n] for k, v in current.items()}
+        grads, loss = step_fn(active, inputs, present, data.labels[rows], w)
+        with torch.no_grad():
+            for name in names:
+                p = active[name]
+                g = grads[name]
+                if training.weight_decay:
+                    g = g + training.weight_decay * p
+                if training.momentum:
+                    buf = momentum[name][:n]
+                    buf.mul_(training.momentum).add_(g)
+                    g = buf
+                p.sub_(training.lr * g)
+            loss_sum[:n] += loss.detach()
+    inverse = torch.argsort(order)
+    mean_loss = loss_sum / lengths.clamp_min(1).to(loss_sum.dtype)
+    return {k: v[inverse] for k, v in current.items()}, mean_loss[inverse]

@@ -6,8 +6,6 @@ sample in the batch: a requirement for masking absent modalities exactly and for
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,37 +15,6 @@ from mmshield.data.dataset import ModalitySpec
 
 def _conv_out(size: int, kernel: int, stride: int, pad: int) -> int:
     return (size + 2 * pad - kernel) // stride + 1
-
-
-class MatmulConv2d(nn.Module):
-    """2-D convolution written as unfold (im2col) + matrix product.
-
-    Same parameters, initialisation and result as ``nn.Conv2d``. Written by hand because on CPU,
-    for the small inputs of federated clients, oneDNN's convolution is slow and, under
-    ``torch.func.vmap`` over per-client weights, becomes a grouped convolution whose backward
-    pass is slower still; a batched matrix product is 5-15x faster here (see
-    ``benchmarks/simulator.py``).
-    """
-
-    def __init__(
-        self, in_channels: int, out_channels: int, kernel_size: int, stride: int, padding: int
-    ) -> None:
-        super().__init__()
-        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
-        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
-        self.bias = nn.Parameter(torch.empty(out_channels))
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Conv2d's default
-        bound = 1.0 / math.sqrt(in_channels * kernel_size * kernel_size)
-        nn.init.uniform_(self.bias, -bound, bound)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Convolve ``(B, C, H, W)`` to ``(B, O, H', W')``."""
-        b, _, h, w = x.shape
-        k, s, p = self.kernel_size, self.stride, self.padding
-        h_out, w_out = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
-        cols = F.unfold(x, k, padding=p, stride=s)  # (B, C*k*k, L)
-        out = self.weight.flatten(1) @ cols + self.bias.unsqueeze(-1)
-        return out.view(b, -1, h_out, w_out)
 
 
 class ConvEncoder(nn.Module):
@@ -64,8 +31,8 @@ class ConvEncoder(nn.Module):
     def __init__(self, in_shape: tuple[int, ...], embed_dim: int) -> None:
         super().__init__()
         c, h, w = in_shape
-        self.conv1 = MatmulConv2d(c, 16, kernel_size=5, stride=2, padding=2)
-        self.conv2 = MatmulConv2d(16, 32, kernel_size=3, stride=2, padding=1)
+        self.conv1 = nn.Conv2d(c, 16, kernel_size=5, stride=2, padding=2)
+        self.conv2 = nn.Conv2d(16, 32, kernel_size=3, stride=2, padding=1)
         h2 = _conv_out(_conv_out(h, 5, 2, 2), 3, 2, 1)
         w2 = _conv_out(_conv_out(w, 5, 2, 2), 3, 2, 1)
         self.proj = nn.Linear(32 * h2 * w2, embed_dim)

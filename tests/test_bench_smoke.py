@@ -1,0 +1,68 @@
+"""Smoke test of the simulator benchmark, so that its code cannot rot.
+
+Runs ``python -m benchmarks.simulator --quick --mmshield-only`` (Flower skipped, one round of the
+demo workload) in a subprocess, writing its JSON to a temporary file, and checks the JSON's shape.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_simulator_benchmark_runs_and_writes_expected_json(tmp_path: Path) -> None:
+    out = tmp_path / "simulator.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.simulator",
+            "--quick",
+            "--mmshield-only",
+            "--demo-rounds",
+            "1",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    payload = json.loads(out.read_text())
+
+    machine = payload["machine"]
+    for key in ("cpu", "cores", "torch", "flwr"):
+        assert key in machine
+    assert payload["quick"] is True and payload["flower"] is False
+
+    targets = payload["targets"]
+    frac = targets["local_training_fraction_of_peak"]
+    assert set(frac) >= {"value", "goal", "op", "unit"}
+    assert frac["op"] in (">=", "<=") and frac["unit"] == "fraction"
+    assert 0.0 < frac["value"] < 1.5
+    # Flower-dependent targets are only reported when Flower ran.
+    assert "overhead_speedup" not in targets
+
+    assert payload["matmul_peak_gflops"] > 0
+    for name, rounds in (("overhead", 3), ("demo", 1)):
+        entry = payload["workloads"][name]
+        mm = entry["mmshield"]
+        assert mm["wall_seconds"] > 0
+        assert len(mm["round_seconds"]) == rounds
+        assert 0.0 <= mm["accuracy"] <= 1.0
+        assert entry["workload"]["rounds"] == rounds
+    overhead = payload["workloads"]["overhead"]["workload"]
+    assert overhead["clients"] == 100 and overhead["clients_per_round"] == 100
+    assert overhead["records_per_client"] == {"min": 50, "max": 50, "mean": 50.0}
+    assert overhead["parameters"] == 64 * 64 + 64 + 64 * 10 + 10
+    demo = payload["workloads"]["demo"]["workload"]
+    assert demo["clients"] == 20 and demo["modalities"] == ["image", "audio", "text"]
