@@ -36,12 +36,14 @@ class ConvEncoder(nn.Module):
         h2 = _conv_out(_conv_out(h, 5, 2, 2), 3, 2, 1)
         w2 = _conv_out(_conv_out(w, 5, 2, 2), 3, 2, 1)
         self.proj = nn.Linear(32 * h2 * w2, embed_dim)
+        # Per-sample normalisation (never batch statistics) speeds up plain SGD a lot here.
+        self.norm = nn.LayerNorm(embed_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Encode ``(B, C, H, W)`` to ``(B, embed_dim)``."""
         x = F.relu(self.conv1(x))
         x = F.relu(self.conv2(x))
-        return F.relu(self.proj(x.flatten(1)))
+        return F.relu(self.norm(self.proj(x.flatten(1))))
 
 
 class TextEncoder(nn.Module):
@@ -58,6 +60,9 @@ class TextEncoder(nn.Module):
     def __init__(self, vocab_size: int, embed_dim: int) -> None:
         super().__init__()
         self.embedding = nn.Embedding(vocab_size, embed_dim)
+        # The mean of many random embeddings is small; normalising it per sample keeps the
+        # gradients reaching each embedding row large enough for plain SGD.
+        self.norm = nn.LayerNorm(embed_dim)
         self.proj = nn.Linear(embed_dim, embed_dim)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -66,7 +71,7 @@ class TextEncoder(nn.Module):
         mask = (ids > 0).to(self.embedding.weight.dtype).unsqueeze(-1)
         summed = (self.embedding(ids) * mask).sum(1)
         mean = summed / mask.sum(1).clamp_min(1.0)
-        return F.relu(self.proj(mean))
+        return F.relu(self.proj(self.norm(mean)))
 
 
 class TabularEncoder(nn.Module):
