@@ -43,6 +43,7 @@ def test_simulator_benchmark_runs_and_writes_expected_json(tmp_path: Path) -> No
     for key in ("cpu", "cores", "torch", "flwr"):
         assert key in machine
     assert payload["quick"] is True and payload["flower"] is False
+    assert payload["protocol"]["retries"] == 0
 
     targets = payload["targets"]
     frac = targets["local_training_fraction_of_peak"]
@@ -60,6 +61,9 @@ def test_simulator_benchmark_runs_and_writes_expected_json(tmp_path: Path) -> No
         assert len(mm["round_seconds"]) == rounds
         assert 0.0 <= mm["accuracy"] <= 1.0
         assert entry["workload"]["rounds"] == rounds
+        assert len(mm["attempts"]) == 1 and "foreign_cores" in mm
+        assert len(mm["fingerprint"]) == 16
+    assert len(payload["workloads"]["overhead"]["mmshield"]["warm_wall_seconds"]) == 2
     overhead = payload["workloads"]["overhead"]["workload"]
     assert overhead["clients"] == 100 and overhead["clients_per_round"] == 100
     assert overhead["records_per_client"] == {"min": 50, "max": 50, "mean": 50.0}
