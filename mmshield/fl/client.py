@@ -10,6 +10,7 @@ same work and give the same update up to floating-point summation order.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -53,8 +54,13 @@ class LocalTraining:
 
 
 def client_seed(seed: int, round: int, client: int) -> int:
-    """Seed of one client's shuffling in one round, derived from the run seed."""
-    return int(np.random.SeedSequence([seed, round, client, 0x5EED]).generate_state(1)[0])
+    """Seed of one client's shuffling in one round, derived from the run seed.
+
+    A hash rather than ``numpy.random.SeedSequence``, which costs 30 µs per call: with thousands
+    of clients per round that was a visible share of the simulator's overhead. Not secret.
+    """
+    digest = hashlib.blake2b(f"{seed}/{round}/{client}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 def batch_schedule(n: int, training: LocalTraining, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,17 +83,13 @@ def batch_schedule(n: int, training: LocalTraining, seed: int) -> tuple[torch.Te
     """
     b = training.batch_size
     per_epoch = math.ceil(n / b) if n > 0 else 0
-    steps = per_epoch * training.local_epochs
-    index = torch.zeros((steps, b), dtype=torch.int64)
-    weight = torch.zeros((steps, b), dtype=torch.float32)
-    gen = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    index = np.zeros((training.local_epochs, per_epoch * b), dtype=np.int64)
     for e in range(training.local_epochs):
-        order = torch.randperm(n, generator=gen)
-        for s in range(per_epoch):
-            chunk = order[s * b : (s + 1) * b]
-            index[e * per_epoch + s, : len(chunk)] = chunk
-            weight[e * per_epoch + s, : len(chunk)] = 1.0
-    return index, weight
+        index[e, :n] = rng.permutation(n)
+    weight = np.zeros((training.local_epochs, per_epoch * b), dtype=np.float32)
+    weight[:, :n] = 1.0
+    return torch.from_numpy(index.reshape(-1, b)), torch.from_numpy(weight.reshape(-1, b))
 
 
 def _weighted_loss(
