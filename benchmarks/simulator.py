@@ -238,9 +238,8 @@ def demo_workload(rounds: int | None = None) -> Workload:
     job = build_job(config)
     if job.data.train.modalities != modalities:
         notes.append(f"modalities: {job.data.train.modalities}")
-    t = config.training
-    if t.server_lr != 1.0:
-        notes.append(f"demo server_lr {t.server_lr} not applied (both sides use plain FedAvg)")
+    if config.server.strategy != "fedavg" or config.server.lr not in (None, 1.0):
+        notes.append("demo server settings not applied (both sides use plain FedAvg)")
     notes += job.notes
     return Workload(
         name="demo",

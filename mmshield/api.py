@@ -34,7 +34,7 @@ from mmshield.data.partition import (
 from mmshield.errors import ConfigError, MMShieldError
 from mmshield.fl.client import LocalTraining
 from mmshield.fl.evaluate import accuracy_by_modalities, evaluate
-from mmshield.fl.fedavg import FedAvg
+from mmshield.fl.strategy import make_server_optimizer
 from mmshield.models.model import MultimodalModel, build_model
 from mmshield.runtime.simulation import RoundRecord, simulate
 
@@ -239,7 +239,14 @@ def run(
             clients_per_round=job.clients_per_round,
             training=job.training,
             seed=job.seed,
-            server=FedAvg(server_lr=config.training.server_lr),
+            server=make_server_optimizer(
+                config.server.strategy,
+                lr=config.server.lr,
+                momentum=config.server.momentum,
+                beta_1=config.server.beta_1,
+                beta_2=config.server.beta_2,
+                tau=config.server.tau,
+            ),
             device=config.simulation.device,
             cohort_size=config.simulation.cohort_size,
             eval_every=config.training.eval_every,
@@ -260,6 +267,7 @@ def run(
             "dataset": config.dataset.name,
             "clients": job.data.num_clients,
             "clients_per_round": job.clients_per_round,
+            "strategy": config.server.strategy,
             "rounds": job.rounds,
             "accuracy": accuracy,
             "test_loss": test_loss,

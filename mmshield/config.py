@@ -80,8 +80,20 @@ class TrainingConfig(_Strict):
     lr: float = Field(default=0.05, gt=0)
     momentum: float = Field(default=0.0, ge=0, lt=1)
     weight_decay: float = Field(default=0.0, ge=0)
-    server_lr: float = Field(default=1.0, gt=0)
     eval_every: int = Field(default=1, ge=1)
+
+
+class ServerConfig(_Strict):
+    """How the server turns the mean client update into the next model."""
+
+    strategy: Literal["fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"] = "fedavg"
+    lr: float | None = Field(
+        default=None, gt=0, description="server learning rate; default per strategy"
+    )
+    momentum: float = Field(default=0.0, ge=0, lt=1, description="fedavgm server momentum")
+    beta_1: float | None = Field(default=None, ge=0, lt=1, description="adaptive: first moment")
+    beta_2: float = Field(default=0.99, ge=0, lt=1, description="adaptive: second moment")
+    tau: float = Field(default=1e-3, gt=0, description="adaptive: adaptivity")
 
 
 class SimulationConfig(_Strict):
@@ -93,7 +105,7 @@ class SimulationConfig(_Strict):
 
 
 class RunConfig(_Strict):
-    """A whole run: data, partition, model, training, simulator."""
+    """A whole run: data, partition, model, training, server, simulator."""
 
     name: str = "run"
     seed: int = 0
@@ -101,6 +113,7 @@ class RunConfig(_Strict):
     partition: PartitionConfig = Field(default_factory=PartitionConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
+    server: ServerConfig = Field(default_factory=ServerConfig)
     simulation: SimulationConfig = Field(default_factory=SimulationConfig)
 
 

@@ -59,13 +59,12 @@ class ModalityAwareMean:
             self._weight[name] += w.sum()
 
     def mean(self) -> dict[str, torch.Tensor]:
-        """Weighted mean delta per parameter (zero where no client contributed)."""
-        return {
-            k: torch.where(
-                self._weight[k] > 0, s / self._weight[k].clamp_min(1e-12), torch.zeros_like(s)
-            )
-            for k, s in self._sum.items()
-        }
+        """Weighted mean delta of every parameter that at least one client could update.
+
+        A parameter no client contributed to (nobody held its modality) is left out, so that
+        no server optimiser moves it.
+        """
+        return {k: s / self._weight[k] for k, s in self._sum.items() if float(self._weight[k]) > 0}
 
     def contributors(self) -> dict[str, float]:
         """Total weight behind each parameter's average."""

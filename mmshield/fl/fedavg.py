@@ -21,7 +21,16 @@ class FedAvg:
     server_lr: float = 1.0
 
     def step(
-        self, global_params: Mapping[str, torch.Tensor], mean_delta: Mapping[str, torch.Tensor]
+        self,
+        global_params: Mapping[str, torch.Tensor],
+        mean_delta: Mapping[str, torch.Tensor],
+        round: int = 1,
     ) -> dict[str, torch.Tensor]:
-        """Return the new global parameters."""
-        return {k: v + self.server_lr * mean_delta[k] for k, v in global_params.items()}
+        """Return the new global parameters.
+
+        Parameters absent from ``mean_delta`` (no sampled client held their modality) are kept.
+        """
+        return {
+            k: v + self.server_lr * mean_delta[k] if k in mean_delta else v
+            for k, v in global_params.items()
+        }

@@ -26,6 +26,7 @@ from mmshield.fl.aggregate import ModalityAwareMean
 from mmshield.fl.client import LocalTraining, batch_schedule, client_seed, train_stacked
 from mmshield.fl.evaluate import evaluate
 from mmshield.fl.fedavg import FedAvg
+from mmshield.fl.strategy import ServerOptimizer
 from mmshield.models.model import MultimodalModel
 
 BYTES_PER_PARAMETER = 4  # float32 on the wire
@@ -110,7 +111,7 @@ def simulate(
     clients_per_round: int,
     training: LocalTraining,
     seed: int = 0,
-    server: FedAvg | None = None,
+    server: ServerOptimizer | None = None,
     device: str = "cpu",
     cohort_size: int | None = None,
     eval_every: int = 1,
@@ -134,7 +135,7 @@ def simulate(
     seed
         Drives client sampling and local shuffling.
     server
-        Server optimiser (default plain FedAvg).
+        Server optimiser (default plain FedAvg; see :mod:`mmshield.fl.strategy`).
     device
         ``"cpu"``, ``"cuda"`` or ``"auto"``.
     cohort_size
@@ -199,7 +200,7 @@ def simulate(
                         dev,
                     )
                 )
-            new_params = server.step(global_params, acc.mean())
+            new_params = server.step(global_params, acc.mean(), rnd)
             _check_finite(new_params, rnd)
             with torch.no_grad():
                 for name, p in global_model.named_parameters():
