@@ -169,6 +169,7 @@ def build_job(config: RunConfig) -> Job:
         lr=t.lr,
         momentum=t.momentum,
         weight_decay=t.weight_decay,
+        proximal_mu=t.proximal_mu,
     )
     per_round = min(t.clients_per_round or data.num_clients, data.num_clients)
     return Job(

@@ -80,6 +80,7 @@ class TrainingConfig(_Strict):
     lr: float = Field(default=0.05, gt=0)
     momentum: float = Field(default=0.0, ge=0, lt=1)
     weight_decay: float = Field(default=0.0, ge=0)
+    proximal_mu: float = Field(default=0.0, ge=0, description="FedProx proximal term (0: off)")
     eval_every: int = Field(default=1, ge=1)
 
 

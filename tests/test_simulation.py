@@ -47,13 +47,15 @@ def _sequential_round(model, fed, training, seed, rnd=1):
 
 
 @pytest.mark.parametrize("fusion", ["attention", "concat"])
-@pytest.mark.parametrize("momentum", [0.0, 0.9])
-def test_batched_training_equals_sequential_reference(fusion: str, momentum: float) -> None:
+@pytest.mark.parametrize(("momentum", "mu"), [(0.0, 0.0), (0.9, 0.0), (0.9, 0.5)])
+def test_batched_training_equals_sequential_reference(
+    fusion: str, momentum: float, mu: float
+) -> None:
     fed, model = _federation(fusion, missing=0.4)
     sizes = [len(ix) for ix in fed.client_indices]
     assert len(set(sizes)) > 1, "clients must differ in size for this test to mean anything"
     training = LocalTraining(
-        local_epochs=2, batch_size=8, lr=0.1, momentum=momentum, weight_decay=1e-3
+        local_epochs=2, batch_size=8, lr=0.1, momentum=momentum, weight_decay=1e-3, proximal_mu=mu
     )
     expected = _sequential_round(model, fed, training, seed=5)
     result = simulate(

@@ -40,6 +40,9 @@ class LocalTraining:
         Heavy-ball momentum (0 for plain SGD); the buffer starts at zero every round.
     weight_decay
         L2 penalty added to the gradient.
+    proximal_mu
+        FedProx's proximal term (Li et al. 2020): ``mu / 2 * ||w - w_global||^2`` is added to the
+        local loss, pulling local models toward the round's global model (0 is FedAvg).
     """
 
     local_epochs: int = 1
@@ -47,6 +50,7 @@ class LocalTraining:
     lr: float = 0.05
     momentum: float = 0.0
     weight_decay: float = 0.0
+    proximal_mu: float = 0.0
 
     def steps(self, n: int) -> int:
         """Number of local steps a client with ``n`` records takes."""
@@ -128,6 +132,7 @@ def train_client_sequential(
         weight_decay=training.weight_decay,
     )
     model.train()
+    anchor = {k: v.detach().clone() for k, v in model.named_parameters()}
     losses = []
     for s in range(index.shape[0]):
         rows = index[s][weight[s] > 0]
@@ -135,7 +140,12 @@ def train_client_sequential(
         present = {m: data.present[m][rows] for m in data.modalities}
         opt.zero_grad(set_to_none=True)
         loss = F.cross_entropy(model(inputs, present), data.labels[rows])
-        loss.backward()
+        objective = loss
+        if training.proximal_mu:
+            objective = loss + training.proximal_mu / 2 * sum(
+                ((p - anchor[k]) ** 2).sum() for k, p in model.named_parameters()
+            )
+        objective.backward()
         opt.step()
         losses.append(float(loss.detach()))
     state = {k: v.detach().clone() for k, v in model.named_parameters()}
@@ -196,7 +206,8 @@ def train_stacked(
     lengths = has_work.sum(1)
     order = torch.argsort(lengths, descending=True, stable=True)
     index, weight, lengths = index[order], weight[order], lengths[order]
-    current = {k: v[order].clone() for k, v in params.items()}
+    start = {k: v[order] for k, v in params.items()}
+    current = {k: v.clone() for k, v in start.items()}
     momentum = {k: torch.zeros_like(v) for k, v in current.items()} if training.momentum else {}
     loss_sum = torch.zeros(k_clients, device=weight.device)
     modalities = data.modalities
@@ -215,6 +226,8 @@ def train_stacked(
                 g = grads[name]
                 if training.weight_decay:
                     g = g + training.weight_decay * p
+                if training.proximal_mu:
+                    g = g + training.proximal_mu * (p - start[name][:n])
                 if training.momentum:
                     buf = momentum[name][:n]
                     buf.mul_(training.momentum).add_(g)
