@@ -248,6 +248,7 @@ def run(
                 beta_2=config.server.beta_2,
                 tau=config.server.tau,
             ),
+            scaffold=config.server.strategy == "scaffold",
             device=config.simulation.device,
             cohort_size=config.simulation.cohort_size,
             eval_every=config.training.eval_every,

@@ -87,7 +87,9 @@ class TrainingConfig(_Strict):
 class ServerConfig(_Strict):
     """How the server turns the mean client update into the next model."""
 
-    strategy: Literal["fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"] = "fedavg"
+    strategy: Literal["fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "scaffold"] = (
+        "fedavg"
+    )
     lr: float | None = Field(
         default=None, gt=0, description="server learning rate; default per strategy"
     )

@@ -114,3 +114,68 @@ def test_federated_training_learns_and_records_history() -> None:
     assert not np.allclose(
         next(model.parameters()).detach().numpy(), next(result.model.parameters()).detach().numpy()
     )
+
+
+def _scaffold_reference(model, fed, training, seed, rounds, per_round):
+    """SCAFFOLD (option II) written the plain way, one client at a time."""
+    from mmshield.runtime.simulation import sample_clients
+
+    x = {k: v.detach().clone() for k, v in model.named_parameters()}
+    c = {k: torch.zeros_like(v) for k, v in x.items()}
+    controls: dict[int, dict[str, torch.Tensor]] = {}
+    n_clients = fed.num_clients
+    for rnd in range(1, rounds + 1):
+        sums = {k: torch.zeros_like(v) for k, v in x.items()}
+        weights = dict.fromkeys(x, 0.0)
+        dc_sum = {k: torch.zeros_like(v) for k, v in x.items()}
+        dc_n = dict.fromkeys(x, 0)
+        for client in sample_clients(n_clients, per_round, seed, rnd).tolist():
+            local = copy.deepcopy(model)
+            with torch.no_grad():
+                for k, p in local.named_parameters():
+                    p.copy_(x[k])
+            data = fed.client(client)
+            ci = controls.get(client, {k: torch.zeros_like(v) for k, v in x.items()})
+            corr = {k: c[k] - ci[k] for k in x}
+            seed_k = client_seed(seed, rnd, client)
+            y, _ = train_client_sequential(local, data, training, seed_k, corr)
+            steps = training.steps(len(data))
+            new_ci = {k: ci[k] - c[k] + (x[k] - y[k]) / (steps * training.lr) for k in x}
+            for k in x:
+                parts = k.split(".")
+                if parts[0] == "encoders" and not bool(data.present[parts[1]].any()):
+                    continue
+                sums[k] += len(data) * (y[k] - x[k])
+                weights[k] += len(data)
+                dc_sum[k] += new_ci[k] - ci[k]
+                dc_n[k] += 1
+            controls[client] = new_ci
+        for k in x:
+            if dc_n[k]:
+                c[k] = c[k] + per_round / n_clients * dc_sum[k] / dc_n[k]
+            if weights[k]:
+                x[k] = x[k] + sums[k] / weights[k]
+    return x
+
+
+def test_scaffold_equals_sequential_reference() -> None:
+    fed, model = _federation("concat", missing=0.4)
+    training = LocalTraining(local_epochs=2, batch_size=8, lr=0.1, momentum=0.5)
+    expected = _scaffold_reference(model, fed, training, seed=4, rounds=3, per_round=4)
+    result = simulate(
+        model,
+        fed,
+        rounds=3,
+        clients_per_round=4,
+        training=training,
+        seed=4,
+        cohort_size=3,
+        scaffold=True,
+    )
+    plain = simulate(model, fed, rounds=3, clients_per_round=4, training=training, seed=4)
+    got = dict(result.model.named_parameters())
+    differs = False
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name].detach(), value, atol=1e-5, rtol=1e-4, msg=name)
+        differs |= not torch.allclose(value, dict(plain.model.named_parameters())[name], atol=1e-4)
+    assert differs, "the control variates must change the result"

@@ -104,7 +104,11 @@ def _weighted_loss(
 
 
 def train_client_sequential(
-    model: MultimodalModel, data: MultimodalDataset, training: LocalTraining, seed: int
+    model: MultimodalModel,
+    data: MultimodalDataset,
+    training: LocalTraining,
+    seed: int,
+    correction: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, torch.Tensor], float]:
     """Train one client with a plain PyTorch loop (the reference implementation).
 
@@ -118,6 +122,8 @@ def train_client_sequential(
         Local training settings.
     seed
         Client's seed for this round (:func:`client_seed`).
+    correction
+        Optional ``name -> tensor`` added to every gradient (SCAFFOLD's ``c - c_i``).
 
     Returns
     -------
@@ -146,6 +152,9 @@ def train_client_sequential(
                 ((p - anchor[k]) ** 2).sum() for k, p in model.named_parameters()
             )
         objective.backward()
+        if correction is not None:
+            for k, p in model.named_parameters():
+                p.grad = correction[k].clone() if p.grad is None else p.grad + correction[k]
         opt.step()
         losses.append(float(loss.detach()))
     state = {k: v.detach().clone() for k, v in model.named_parameters()}
@@ -159,6 +168,7 @@ def train_stacked(
     index: torch.Tensor,
     weight: torch.Tensor,
     training: LocalTraining,
+    correction: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Train a cohort of clients at once, vectorised over clients with ``torch.func.vmap``.
 
@@ -178,6 +188,8 @@ def train_stacked(
         which is how clients with fewer steps than the longest one are handled exactly.
     training
         Local training settings.
+    correction
+        Optional ``name -> (K, *shape)`` added to each client's gradients (SCAFFOLD).
 
     Returns
     -------
@@ -208,6 +220,7 @@ def train_stacked(
     index, weight, lengths = index[order], weight[order], lengths[order]
     start = {k: v[order] for k, v in params.items()}
     current = {k: v.clone() for k, v in start.items()}
+    corr = {k: v[order] for k, v in correction.items()} if correction is not None else None
     momentum = {k: torch.zeros_like(v) for k, v in current.items()} if training.momentum else {}
     loss_sum = torch.zeros(k_clients, device=weight.device)
     modalities = data.modalities
@@ -224,6 +237,8 @@ def train_stacked(
             for name in names:
                 p = active[name]
                 g = grads[name]
+                if corr is not None:
+                    g = g + corr[name][:n]
                 if training.weight_decay:
                     g = g + training.weight_decay * p
                 if training.proximal_mu:

@@ -26,6 +26,7 @@ from mmshield.fl.aggregate import ModalityAwareMean
 from mmshield.fl.client import LocalTraining, batch_schedule, client_seed, train_stacked
 from mmshield.fl.evaluate import evaluate
 from mmshield.fl.fedavg import FedAvg
+from mmshield.fl.scaffold import Scaffold
 from mmshield.fl.strategy import ServerOptimizer
 from mmshield.models.model import MultimodalModel
 
@@ -112,6 +113,7 @@ def simulate(
     training: LocalTraining,
     seed: int = 0,
     server: ServerOptimizer | None = None,
+    scaffold: bool = False,
     device: str = "cpu",
     cohort_size: int | None = None,
     eval_every: int = 1,
@@ -136,6 +138,8 @@ def simulate(
         Drives client sampling and local shuffling.
     server
         Server optimiser (default plain FedAvg; see :mod:`mmshield.fl.strategy`).
+    scaffold
+        Correct client drift with SCAFFOLD's control variates (:mod:`mmshield.fl.scaffold`).
     device
         ``"cpu"``, ``"cuda"`` or ``"auto"``.
     cohort_size
@@ -170,6 +174,11 @@ def simulate(
     cohort_size = max(1, min(cohort_size, clients_per_round, data.num_clients))
     n_params = sum(p.numel() for p in global_model.parameters())
     result = SimulationResult(model=global_model, cohort_size=cohort_size)
+    controls = (
+        Scaffold({k: v.detach() for k, v in global_model.named_parameters()}, data.num_clients)
+        if scaffold
+        else None
+    )
 
     bar = _progress_bar(progress)
     task = bar.add_task("training", total=rounds, status="") if bar else None
@@ -198,8 +207,11 @@ def simulate(
                         rnd,
                         acc,
                         dev,
+                        controls,
                     )
                 )
+            if controls is not None:
+                controls.finish_round(len(chosen))
             new_params = server.step(global_params, acc.mean(), rnd)
             _check_finite(new_params, rnd)
             with torch.no_grad():
@@ -245,6 +257,7 @@ def _train_cohort(
     rnd: int,
     acc: ModalityAwareMean,
     dev: torch.device,
+    controls: Scaffold | None = None,
 ) -> torch.Tensor:
     """Train one cohort and add its deltas to ``acc``; return the clients' mean losses."""
     schedules = [
@@ -261,7 +274,8 @@ def _train_cohort(
             weight[i, : ix.shape[0]] = w
     index, weight = index.to(dev), weight.to(dev)
     stacked = {n: p.unsqueeze(0).expand(k, *p.shape).clone() for n, p in global_params.items()}
-    trained, loss = train_stacked(model, stacked, train, index, weight, training)
+    correction = controls.correction(cohort.tolist()) if controls is not None else None
+    trained, loss = train_stacked(model, stacked, train, index, weight, training, correction)
     deltas = {n: trained[n] - global_params[n] for n in trained}
     examples = torch.as_tensor(sizes[cohort], dtype=torch.float32, device=dev)
     mod_examples = {
@@ -269,6 +283,11 @@ def _train_cohort(
         for m, v in modality_counts.items()
     }
     _check_cohort_finite(deltas, cohort, rnd)
+    if controls is not None:
+        steps_taken = (weight.sum(2) > 0).sum(1)
+        controls.add_cohort(
+            cohort.tolist(), global_params, trained, steps_taken, training.lr, mod_examples
+        )
     acc.add(deltas, examples, mod_examples)
     return loss.detach().cpu()
 

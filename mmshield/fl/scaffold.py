@@ -1,0 +1,96 @@
+"""SCAFFOLD (Karimireddy et al. 2020): control variates that correct client drift.
+
+Each client keeps a control variate ``c_i`` and the server keeps ``c``. A client's local steps use
+the corrected gradient ``g + c - c_i``; afterwards it sets (option II of the paper)
+``c_i+ = c_i - c + (x - y_i) / (K_i * lr)`` with ``K_i`` its number of local steps, and the server
+moves ``c`` by ``|S| / N`` times the mean of the clients' ``c_i+ - c_i``. The model itself is
+averaged as in FedAvg.
+
+Modality-aware: a client that lacks a modality leaves that encoder's part of ``c`` alone (its
+``c_i`` for that encoder carries no information about the encoder's gradient).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from mmshield.fl.aggregate import ModalityAwareMean
+
+
+class Scaffold:
+    """Server and client control variates of SCAFFOLD.
+
+    Parameters
+    ----------
+    template
+        ``name -> tensor`` of the model's parameters (shapes, dtype, device).
+    num_clients
+        ``N``, the size of the population.
+    """
+
+    def __init__(self, template: Mapping[str, torch.Tensor], num_clients: int) -> None:
+        self.server = {k: torch.zeros_like(v) for k, v in template.items()}
+        self.clients: dict[int, dict[str, torch.Tensor]] = {}
+        self.num_clients = num_clients
+        self._round: ModalityAwareMean | None = None
+
+    def _control(self, client: int) -> dict[str, torch.Tensor]:
+        return self.clients.get(client) or {k: torch.zeros_like(v) for k, v in self.server.items()}
+
+    def correction(self, clients: Sequence[int]) -> dict[str, torch.Tensor]:
+        """``c - c_i`` stacked for ``clients``: ``name -> (K, *shape)``."""
+        controls = [self._control(int(c)) for c in clients]
+        return {k: s - torch.stack([c[k] for c in controls]) for k, s in self.server.items()}
+
+    def add_cohort(
+        self,
+        clients: Sequence[int],
+        start: Mapping[str, torch.Tensor],
+        trained: Mapping[str, torch.Tensor],
+        steps: torch.Tensor,
+        lr: float,
+        modality_examples: Mapping[str, torch.Tensor],
+    ) -> None:
+        """Update the cohort's ``c_i`` (option II) and collect their changes for the server.
+
+        Parameters
+        ----------
+        clients
+            Client ids, in the order of the stacked tensors.
+        start
+            The round's global parameters ``x``.
+        trained
+            ``name -> (K, *shape)`` local models ``y_i``.
+        steps
+            ``(K,)`` local steps each client took.
+        lr
+            Local learning rate.
+        modality_examples
+            ``modality -> (K,)`` records holding it (0: the client lacks it).
+        """
+        if self._round is None:
+            self._round = ModalityAwareMean(self.server)
+        k_steps = (steps.to(torch.float32) * lr).clamp_min(1e-12)
+        changes: dict[str, torch.Tensor] = {}
+        new_controls: list[dict[str, torch.Tensor]] = [{} for _ in clients]
+        for name, y in trained.items():
+            scale = k_steps.view(-1, *([1] * (y.dim() - 1)))
+            old = torch.stack([self._control(int(c))[name] for c in clients])
+            new = old - self.server[name] + (start[name] - y) / scale
+            changes[name] = new - old
+            for i in range(len(clients)):
+                new_controls[i][name] = new[i]
+        for c, control in zip(clients, new_controls, strict=True):
+            self.clients[int(c)] = control
+        ones = (steps > 0).to(torch.float32)
+        self._round.add(changes, ones, modality_examples)
+
+    def finish_round(self, sampled: int) -> None:
+        """Move ``c`` by ``|S| / N`` times the mean change of the sampled clients' ``c_i``."""
+        if self._round is None:
+            return
+        for name, mean_change in self._round.mean().items():
+            self.server[name] = self.server[name] + sampled / self.num_clients * mean_change
+        self._round = None
