@@ -179,3 +179,19 @@ def test_scaffold_equals_sequential_reference() -> None:
         torch.testing.assert_close(got[name].detach(), value, atol=1e-5, rtol=1e-4, msg=name)
         differs |= not torch.allclose(value, dict(plain.model.named_parameters())[name], atol=1e-4)
     assert differs, "the control variates must change the result"
+
+
+def test_encoder_weighted_by_records_that_hold_its_modality() -> None:
+    from mmshield.fl.aggregate import ModalityAwareMean
+
+    template = {"encoders.audio.w": torch.zeros(2), "head.w": torch.zeros(2)}
+    acc = ModalityAwareMean(template)
+    deltas = {
+        "encoders.audio.w": torch.tensor([[1.0, 1.0], [3.0, 3.0]]),
+        "head.w": torch.tensor([[1.0, 1.0], [3.0, 3.0]]),
+    }
+    # Client 0: 10 records, 9 with audio; client 1: 30 records, 1 with audio.
+    acc.add(deltas, torch.tensor([10.0, 30.0]), {"audio": torch.tensor([9.0, 1.0])})
+    mean = acc.mean()
+    torch.testing.assert_close(mean["encoders.audio.w"], torch.full((2,), (9 * 1 + 1 * 3) / 10))
+    torch.testing.assert_close(mean["head.w"], torch.full((2,), (10 * 1 + 30 * 3) / 40))

@@ -16,7 +16,7 @@ from mmshield.models.model import modality_of_parameter
 
 
 class ModalityAwareMean:
-    """Weighted mean of client deltas, per parameter over the clients that hold its modality.
+    """Weighted mean of client deltas; an encoder's weights count only records holding its modality.
 
     Parameters
     ----------
@@ -44,17 +44,20 @@ class ModalityAwareMean:
         deltas
             ``name -> (K, *shape)`` local minus global parameters.
         examples
-            ``(K,)`` number of records each client trained on (its weight).
+            ``(K,)`` number of records each client trained on: the weight of shared parameters
+            (fusion, head).
         modality_examples
-            ``modality -> (K,)`` records in which that modality is present; a client with 0 is
-            left out of that modality's encoder average.
+            ``modality -> (K,)`` records in which that modality is present: the weight of that
+            modality's encoder, so a client with 0 is left out of its average and a client
+            holding the modality in few records counts for few.
         """
         self.clients += int(examples.shape[0])
         for name, delta in deltas.items():
             modality = modality_of_parameter(name)
             w = examples.to(delta.dtype)
             if modality is not None and modality in modality_examples:
-                w = torch.where(modality_examples[modality] > 0, w, torch.zeros_like(w))
+                # An encoder learns only from the records that hold its modality.
+                w = modality_examples[modality].to(delta.dtype)
             self._sum[name] += torch.tensordot(w, delta, dims=1)
             self._weight[name] += w.sum()
 

@@ -84,8 +84,11 @@ class Scaffold:
                 new_controls[i][name] = new[i]
         for c, control in zip(clients, new_controls, strict=True):
             self.clients[int(c)] = control
+        # The paper averages control-variate changes without weights: one vote per client
+        # (per client holding the modality, for an encoder).
         ones = (steps > 0).to(torch.float32)
-        self._round.add(changes, ones, modality_examples)
+        holds = {m: (v > 0).to(torch.float32) * ones for m, v in modality_examples.items()}
+        self._round.add(changes, ones, holds)
 
     def finish_round(self, sampled: int) -> None:
         """Move ``c`` by ``|S| / N`` times the mean change of the sampled clients' ``c_i``."""
