@@ -68,7 +68,3 @@ class ModalityAwareMean:
         no server optimiser moves it.
         """
         return {k: s / self._weight[k] for k, s in self._sum.items() if float(self._weight[k]) > 0}
-
-    def contributors(self) -> dict[str, float]:
-        """Total weight behind each parameter's average."""
-        return {k: float(v) for k, v in self._weight.items()}

@@ -36,13 +36,15 @@ class Scaffold:
         self.num_clients = num_clients
         self._round: ModalityAwareMean | None = None
 
-    def _control(self, client: int) -> dict[str, torch.Tensor]:
-        return self.clients.get(client) or {k: torch.zeros_like(v) for k, v in self.server.items()}
+    def _stacked(self, clients: Sequence[int]) -> dict[str, torch.Tensor]:
+        """``c_i`` of ``clients`` stacked: ``name -> (K, *shape)`` (zero for a new client)."""
+        zero = {k: torch.zeros_like(v) for k, v in self.server.items()}
+        controls = [self.clients.get(int(c), zero) for c in clients]
+        return {k: torch.stack([c[k] for c in controls]) for k in self.server}
 
     def correction(self, clients: Sequence[int]) -> dict[str, torch.Tensor]:
         """``c - c_i`` stacked for ``clients``: ``name -> (K, *shape)``."""
-        controls = [self._control(int(c)) for c in clients]
-        return {k: s - torch.stack([c[k] for c in controls]) for k, s in self.server.items()}
+        return {k: self.server[k] - ci for k, ci in self._stacked(clients).items()}
 
     def add_cohort(
         self,
@@ -73,17 +75,14 @@ class Scaffold:
         if self._round is None:
             self._round = ModalityAwareMean(self.server)
         k_steps = (steps.to(torch.float32) * lr).clamp_min(1e-12)
-        changes: dict[str, torch.Tensor] = {}
-        new_controls: list[dict[str, torch.Tensor]] = [{} for _ in clients]
+        old = self._stacked(clients)
+        new: dict[str, torch.Tensor] = {}
         for name, y in trained.items():
             scale = k_steps.view(-1, *([1] * (y.dim() - 1)))
-            old = torch.stack([self._control(int(c))[name] for c in clients])
-            new = old - self.server[name] + (start[name] - y) / scale
-            changes[name] = new - old
-            for i in range(len(clients)):
-                new_controls[i][name] = new[i]
-        for c, control in zip(clients, new_controls, strict=True):
-            self.clients[int(c)] = control
+            new[name] = old[name] - self.server[name] + (start[name] - y) / scale
+        for i, c in enumerate(clients):
+            self.clients[int(c)] = {name: v[i] for name, v in new.items()}
+        changes = {name: new[name] - old[name] for name in new}
         # The paper averages control-variate changes without weights: one vote per client
         # (per client holding the modality, for an encoder).
         ones = (steps > 0).to(torch.float32)

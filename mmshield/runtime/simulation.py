@@ -12,6 +12,7 @@ only the order of floating-point sums.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -160,7 +161,7 @@ def simulate(
     dev = torch.device(device)
     server = server or FedAvg()
     start = time.perf_counter()
-    global_model = _copy_model(model).to(dev)
+    global_model = copy.deepcopy(model).to(dev)
     train = _to_device(data.train, dev)
     sizes = np.array([len(ix) for ix in data.client_indices])
     modality_counts = {
@@ -309,12 +310,6 @@ def _check_finite(params: dict[str, torch.Tensor], rnd: int) -> None:
     for name, p in params.items():
         if not bool(torch.isfinite(p).all()):
             raise TrainingError(f"round {rnd}: global parameter {name!r} became non-finite")
-
-
-def _copy_model(model: MultimodalModel) -> MultimodalModel:
-    import copy
-
-    return copy.deepcopy(model)
 
 
 def _to_device(ds: MultimodalDataset, dev: torch.device) -> MultimodalDataset:
