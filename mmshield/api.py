@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 from mmshield import __version__
-from mmshield.config import RunConfig, load_config
+from mmshield.config import DistributionConfig, RunConfig, SystemsConfig, load_config
 from mmshield.data.dataset import FederatedDataset, MultimodalDataset
 from mmshield.data.partition import (
     dirichlet_partition,
@@ -37,6 +37,7 @@ from mmshield.fl.evaluate import accuracy_by_modalities, evaluate
 from mmshield.fl.strategy import make_server_optimizer
 from mmshield.models.model import MultimodalModel, build_model
 from mmshield.runtime.simulation import RoundRecord, simulate
+from mmshield.runtime.systems import Distribution, SystemsProfile
 
 __all__ = ["Job", "RunOutcome", "build_job", "load_config", "run"]
 
@@ -177,6 +178,26 @@ def build_job(config: RunConfig) -> Job:
     )
 
 
+def systems_profile(config: SystemsConfig | None) -> SystemsProfile | None:
+    """The simulator's systems profile for a ``systems:`` config block (``None``: ideal)."""
+    if config is None:
+        return None
+
+    def dist(d: DistributionConfig) -> Distribution:
+        return Distribution(**d.model_dump())
+
+    return SystemsProfile(
+        speed=dist(config.speed),
+        step_seconds=config.step_seconds,
+        bandwidth_mbps=config.bandwidth_mbps,
+        availability=dist(config.availability),
+        dropout=config.dropout,
+        stragglers=config.stragglers,
+        deadline=config.deadline,
+        partial_work=config.partial_work,
+    )
+
+
 def partition_summary(job: Job) -> dict[str, Any]:
     """Who holds what: the data behind the report's heat maps."""
     train = job.data.train
@@ -227,8 +248,21 @@ def run(
         job = build_job(config)
         (info.run_dir / "partition.json").write_text(json.dumps(partition_summary(job)))
 
+        clock = [0.0]
+
         def log(record: RoundRecord) -> None:
-            metrics = {"train_loss": record.train_loss, "round_seconds": record.seconds}
+            metrics = {
+                "train_loss": record.train_loss,
+                "round_seconds": record.seconds,
+                "clients": float(record.clients),
+            }
+            if record.simulated_seconds is not None:
+                clock[0] += record.simulated_seconds
+                metrics |= {
+                    "simulated_seconds": clock[0],
+                    "dropped": float(record.dropped),
+                    "partial": float(record.partial),
+                }
             if record.test_accuracy is not None and record.test_loss is not None:
                 metrics |= {"test_accuracy": record.test_accuracy, "test_loss": record.test_loss}
             store.log_round(info.run_id, record.round, metrics)
@@ -249,6 +283,7 @@ def run(
                 tau=config.server.tau,
             ),
             scaffold=config.server.strategy == "scaffold",
+            systems=systems_profile(config.systems),
             device=config.simulation.device,
             cohort_size=config.simulation.cohort_size,
             eval_every=config.training.eval_every,
@@ -278,6 +313,10 @@ def run(
             "delta": None,
             "wall_seconds": time.perf_counter() - start,
             "training_seconds": result.wall_seconds,
+            "simulated_seconds": result.simulated_seconds,
+            "client_updates": sum(r.clients for r in result.history),
+            "dropped_clients": sum(r.dropped for r in result.history),
+            "partial_clients": sum(r.partial for r in result.history),
             "bytes_up": result.bytes_up,
             "bytes_down": result.bytes_down,
             "cohort_size": result.cohort_size,

@@ -54,6 +54,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     for subset, acc in s["accuracy_by_modalities"].items():
         table.add_row(f"  with only {subset}", f"{acc:.4f}")
     table.add_row("wall time", f"{s['wall_seconds']:.1f} s")
+    if s.get("simulated_seconds") is not None:
+        table.add_row("simulated time", f"{s['simulated_seconds']:.1f} s")
+        table.add_row(
+            "client updates (dropped, partial)",
+            f"{s['client_updates']} ({s['dropped_clients']}, {s['partial_clients']})",
+        )
     table.add_row(
         "bytes up / down", f"{s['bytes_up'] / 1e6:.1f} MB / {s['bytes_down'] / 1e6:.1f} MB"
     )

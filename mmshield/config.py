@@ -99,6 +99,54 @@ class ServerConfig(_Strict):
     tau: float = Field(default=1e-3, gt=0, description="adaptive: adaptivity")
 
 
+class DistributionConfig(_Strict):
+    """A per-client distribution (see :class:`mmshield.runtime.systems.Distribution`)."""
+
+    kind: Literal["constant", "uniform", "lognormal", "pareto", "beta"] = "constant"
+    value: float = Field(default=1.0, gt=0, description="constant value; lognormal median")
+    low: float = Field(default=0.0, ge=0, description="uniform: lower end")
+    high: float = Field(default=1.0, gt=0, description="uniform: upper end")
+    sigma: float = Field(default=1.0, gt=0, description="lognormal: log-standard deviation")
+    shape: float = Field(default=1.5, gt=0, description="pareto: tail index (smaller: heavier)")
+    a: float = Field(default=1.0, gt=0, description="beta: first shape")
+    b: float = Field(default=1.0, gt=0, description="beta: second shape")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> DistributionConfig:
+        if self.kind == "uniform" and self.low > self.high:
+            raise ValueError(f"uniform needs low <= high (got low={self.low}, high={self.high})")
+        return self
+
+
+class SystemsConfig(_Strict):
+    """Systems heterogeneity of the simulated clients, on a simulated clock."""
+
+    speed: DistributionConfig = Field(
+        default_factory=DistributionConfig, description="relative compute speed per client"
+    )
+    step_seconds: float = Field(default=0.1, gt=0, description="seconds per step at speed 1")
+    bandwidth_mbps: float | None = Field(default=None, gt=0, description="each way; None: free")
+    availability: DistributionConfig = Field(
+        default_factory=DistributionConfig, description="probability a client is online"
+    )
+    dropout: float = Field(default=0.0, ge=0, le=1, description="a sampled client drops out")
+    stragglers: float = Field(default=0.0, ge=0, le=1, description="fraction doing partial work")
+    deadline: float | None = Field(default=None, gt=0, description="round deadline (seconds)")
+    partial_work: Literal["aggregate", "drop"] = "aggregate"
+
+    @model_validator(mode="after")
+    def _availability_is_probability(self) -> SystemsConfig:
+        a = self.availability
+        if a.kind in ("lognormal", "pareto"):
+            raise ValueError(
+                f"systems.availability.kind {a.kind!r} is not a probability; "
+                "use constant, uniform or beta"
+            )
+        if (a.kind == "constant" and a.value > 1) or (a.kind == "uniform" and a.high > 1):
+            raise ValueError("systems.availability values are probabilities and must be <= 1")
+        return self
+
+
 class SimulationConfig(_Strict):
     """Where and how the simulator runs."""
 
@@ -118,6 +166,9 @@ class RunConfig(_Strict):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
     simulation: SimulationConfig = Field(default_factory=SimulationConfig)
+    systems: SystemsConfig | None = Field(
+        default=None, description="client speeds, availability, dropouts (None: ideal clients)"
+    )
 
 
 def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:

@@ -41,6 +41,13 @@ def test_run_fedprox_synthetic_end_to_end(tmp_path: Path, capsys) -> None:
         "partition": {"clients": 30, "scheme": "natural"},
         "model": {"fusion": "concat", "fusion_hidden": 0},
         "training": {"rounds": 5, "clients_per_round": 10, "local_epochs": 1, "lr": 0.05},
+        "systems": {
+            "speed": {"kind": "pareto", "shape": 1.5},
+            "step_seconds": 0.2,
+            "dropout": 0.1,
+            "stragglers": 0.3,
+            "deadline": 30.0,
+        },
     }
     store = tmp_path / "runs" / "mmshield.db"
     assert main(["run", str(_write(tmp_path, config)), "--store", str(store), "--quiet"]) == 0
@@ -52,6 +59,11 @@ def test_run_fedprox_synthetic_end_to_end(tmp_path: Path, capsys) -> None:
     assert summary.keys() >= SUMMARY_KEYS
     assert summary["clients"] == 30 and summary["rounds"] == 5 and summary["epsilon"] is None
     assert 0.0 <= summary["accuracy"] <= 1.0 and summary["bytes_up"] > 0
+    assert 0 < summary["simulated_seconds"] <= 5 * 30.0
+    assert summary["partial_clients"] > 0
+    assert summary["client_updates"] + summary["dropped_clients"] == 50
+    assert "simulated time" in out
+    assert "Simulated time" in (run_dir / "report.html").read_text()
     for name in (
         "config.yaml",
         "summary.json",

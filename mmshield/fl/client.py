@@ -109,6 +109,7 @@ def train_client_sequential(
     training: LocalTraining,
     seed: int,
     correction: Mapping[str, torch.Tensor] | None = None,
+    max_steps: int | None = None,
 ) -> tuple[dict[str, torch.Tensor], float]:
     """Train one client with a plain PyTorch loop (the reference implementation).
 
@@ -124,6 +125,8 @@ def train_client_sequential(
         Client's seed for this round (:func:`client_seed`).
     correction
         Optional ``name -> tensor`` added to every gradient (SCAFFOLD's ``c - c_i``).
+    max_steps
+        Stop after this many steps (a straggler's partial work); ``None``: all of them.
 
     Returns
     -------
@@ -131,6 +134,8 @@ def train_client_sequential(
         A copy of the trained parameters and the mean training loss over the steps.
     """
     index, weight = batch_schedule(len(data), training, seed)
+    if max_steps is not None:
+        index, weight = index[:max_steps], weight[:max_steps]
     opt = torch.optim.SGD(
         model.parameters(),
         lr=training.lr,

@@ -30,6 +30,7 @@ from mmshield.fl.fedavg import FedAvg
 from mmshield.fl.scaffold import Scaffold
 from mmshield.fl.strategy import ServerOptimizer
 from mmshield.models.model import MultimodalModel
+from mmshield.runtime.systems import ClientSystems, SystemsProfile, steps_per_epoch
 
 BYTES_PER_PARAMETER = 4  # float32 on the wire
 
@@ -46,6 +47,14 @@ class RoundRecord:
     seconds: float
     bytes_up: int
     bytes_down: int
+    sampled: int = 0
+    """Clients the server sampled (``clients`` of them contributed an update)."""
+    dropped: int = 0
+    """Sampled clients that dropped out."""
+    partial: int = 0
+    """Clients that did only part of their local work (stragglers, deadline)."""
+    simulated_seconds: float | None = None
+    """The round's duration on the simulated clock (``None`` without a systems profile)."""
 
 
 @dataclass
@@ -67,13 +76,26 @@ class SimulationResult:
         """Bytes the server would have sent in total."""
         return sum(r.bytes_down for r in self.history)
 
+    @property
+    def simulated_seconds(self) -> float | None:
+        """Total simulated time (``None`` when the run had no systems profile)."""
+        times = [r.simulated_seconds for r in self.history if r.simulated_seconds is not None]
+        return float(sum(times)) if times else None
 
-def sample_clients(num_clients: int, per_round: int, seed: int, round: int) -> np.ndarray:
-    """Clients taking part in ``round``: uniform without replacement, sorted."""
-    if per_round >= num_clients:
-        return np.arange(num_clients)
+
+def sample_clients(
+    num_clients: int, per_round: int, seed: int, round: int, online: np.ndarray | None = None
+) -> np.ndarray:
+    """Clients taking part in ``round``: uniform without replacement, sorted.
+
+    With an ``online`` mask, only online clients can be sampled (all of them if fewer than
+    ``per_round`` are online).
+    """
+    pool = np.arange(num_clients) if online is None else np.flatnonzero(online)
+    if per_round >= len(pool):
+        return pool
     rng = np.random.default_rng(np.random.SeedSequence([seed, round, 0xC11E]))
-    return np.sort(rng.choice(num_clients, size=per_round, replace=False))
+    return np.sort(rng.choice(pool, size=per_round, replace=False))
 
 
 def auto_cohort_size(
@@ -115,6 +137,7 @@ def simulate(
     seed: int = 0,
     server: ServerOptimizer | None = None,
     scaffold: bool = False,
+    systems: SystemsProfile | None = None,
     device: str = "cpu",
     cohort_size: int | None = None,
     eval_every: int = 1,
@@ -141,6 +164,10 @@ def simulate(
         Server optimiser (default plain FedAvg; see :mod:`mmshield.fl.strategy`).
     scaffold
         Correct client drift with SCAFFOLD's control variates (:mod:`mmshield.fl.scaffold`).
+    systems
+        Client speeds, availability, dropouts, stragglers and a round deadline on a simulated
+        clock (:mod:`mmshield.runtime.systems`); ``None``: every client is always there and
+        finishes its work.
     device
         ``"cpu"``, ``"cuda"`` or ``"auto"``.
     cohort_size
@@ -174,7 +201,12 @@ def simulate(
         cohort_size = auto_cohort_size(global_model, train, training.batch_size)
     cohort_size = max(1, min(cohort_size, clients_per_round, data.num_clients))
     n_params = sum(p.numel() for p in global_model.parameters())
+    model_bytes = n_params * BYTES_PER_PARAMETER
     result = SimulationResult(model=global_model, cohort_size=cohort_size)
+    population = (
+        ClientSystems(systems, data.num_clients, seed, model_bytes) if systems is not None else None
+    )
+    per_epoch = steps_per_epoch(sizes, training.batch_size)
     controls = (
         Scaffold({k: v.detach() for k, v in global_model.named_parameters()}, data.num_clients)
         if scaffold
@@ -188,7 +220,15 @@ def simulate(
             bar.start()
         for rnd in range(1, rounds + 1):
             t0 = time.perf_counter()
-            chosen = sample_clients(data.num_clients, clients_per_round, seed, rnd)
+            online = population.online(rnd) if population is not None else None
+            sampled = sample_clients(data.num_clients, clients_per_round, seed, rnd, online)
+            plan = (
+                population.plan(rnd, sampled, per_epoch[sampled], training.local_epochs)
+                if population is not None
+                else None
+            )
+            chosen = sampled if plan is None else sampled[plan.contributes]
+            max_steps = None if plan is None else plan.steps[plan.contributes]
             global_params = {k: v.detach() for k, v in global_model.named_parameters()}
             acc = ModalityAwareMean(global_params)
             losses: list[torch.Tensor] = []
@@ -209,16 +249,20 @@ def simulate(
                         acc,
                         dev,
                         controls,
+                        None if max_steps is None else max_steps[c0 : c0 + cohort_size],
                     )
                 )
-            if controls is not None:
-                controls.finish_round(len(chosen))
-            new_params = server.step(global_params, acc.mean(), rnd)
-            _check_finite(new_params, rnd)
-            with torch.no_grad():
-                for name, p in global_model.named_parameters():
-                    p.copy_(new_params[name])
-            train_loss = float(torch.cat(losses).mean())
+            if len(chosen):
+                if controls is not None:
+                    controls.finish_round(len(chosen))
+                new_params = server.step(global_params, acc.mean(), rnd)
+                _check_finite(new_params, rnd)
+                with torch.no_grad():
+                    for name, p in global_model.named_parameters():
+                        p.copy_(new_params[name])
+            # A round in which no client reported leaves the model as it was; its record
+            # (clients == 0, train_loss NaN) says so.
+            train_loss = float(torch.cat(losses).mean()) if losses else float("nan")
             test_loss = test_acc = None
             if rnd % eval_every == 0 or rnd == rounds:
                 test_loss, test_acc = evaluate(global_model, data.test)
@@ -229,15 +273,22 @@ def simulate(
                 test_loss=test_loss,
                 test_accuracy=test_acc,
                 seconds=time.perf_counter() - t0,
-                bytes_up=len(chosen) * n_params * BYTES_PER_PARAMETER,
-                bytes_down=len(chosen) * n_params * BYTES_PER_PARAMETER,
+                bytes_up=len(chosen) * model_bytes,
+                bytes_down=len(sampled) * model_bytes,
+                sampled=len(sampled),
+                dropped=0 if plan is None else int(plan.dropped.sum()),
+                partial=0 if plan is None else int(plan.partial.sum()),
+                simulated_seconds=(
+                    None if population is None or plan is None else population.round_seconds(plan)
+                ),
             )
             result.history.append(record)
             if on_round is not None:
                 on_round(record)
             if bar and task is not None:
                 acc_txt = f"acc {test_acc:.3f}" if test_acc is not None else ""
-                bar.update(task, advance=1, status=f"loss {train_loss:.3f} {acc_txt}")
+                lost = f" dropped {record.dropped}" if record.dropped else ""
+                bar.update(task, advance=1, status=f"loss {train_loss:.3f} {acc_txt}{lost}")
     finally:
         if bar:
             bar.stop()
@@ -259,11 +310,18 @@ def _train_cohort(
     acc: ModalityAwareMean,
     dev: torch.device,
     controls: Scaffold | None = None,
+    max_steps: np.ndarray | None = None,
 ) -> torch.Tensor:
-    """Train one cohort and add its deltas to ``acc``; return the clients' mean losses."""
+    """Train one cohort and add its deltas to ``acc``; return the clients' mean losses.
+
+    ``max_steps`` cuts each client's schedule (partial work); its steps are a prefix, so the
+    cut is exact.
+    """
     schedules = [
         batch_schedule(int(sizes[c]), training, client_seed(seed, rnd, int(c))) for c in cohort
     ]
+    if max_steps is not None:
+        schedules = [(ix[:m], w[:m]) for (ix, w), m in zip(schedules, max_steps, strict=True)]
     steps = max(s[0].shape[0] for s in schedules)
     k = len(cohort)
     index = torch.zeros((k, steps, training.batch_size), dtype=torch.int64)
