@@ -189,16 +189,10 @@ def simulate(
     server = server or FedAvg()
     start = time.perf_counter()
     global_model = copy.deepcopy(model).to(dev)
-    train = _to_device(data.train, dev)
-    sizes = np.array([len(ix) for ix in data.client_indices])
-    modality_counts = {
-        m: np.array(
-            [int(data.train.present[m][torch.as_tensor(ix)].sum()) for ix in data.client_indices]
-        )
-        for m in data.train.modalities
-    }
+    trainer = CohortTrainer(global_model, data, training, seed, dev)
+    sizes = trainer.sizes
     if cohort_size is None:
-        cohort_size = auto_cohort_size(global_model, train, training.batch_size)
+        cohort_size = auto_cohort_size(global_model, trainer.train_set, training.batch_size)
     cohort_size = max(1, min(cohort_size, clients_per_round, data.num_clients))
     n_params = sum(p.numel() for p in global_model.parameters())
     model_bytes = n_params * BYTES_PER_PARAMETER
@@ -234,29 +228,30 @@ def simulate(
             losses: list[torch.Tensor] = []
             for c0 in range(0, len(chosen), cohort_size):
                 cohort = chosen[c0 : c0 + cohort_size]
-                losses.append(
-                    _train_cohort(
-                        global_model,
-                        global_params,
-                        train,
-                        data,
-                        cohort,
-                        sizes,
-                        modality_counts,
-                        training,
-                        seed,
-                        rnd,
-                        acc,
-                        dev,
-                        controls,
-                        None if max_steps is None else max_steps[c0 : c0 + cohort_size],
-                    )
+                update = trainer.train(
+                    global_params,
+                    cohort,
+                    rnd,
+                    f"round {rnd}",
+                    controls.correction(cohort.tolist()) if controls is not None else None,
+                    None if max_steps is None else max_steps[c0 : c0 + cohort_size],
                 )
+                if controls is not None:
+                    controls.add_cohort(
+                        cohort.tolist(),
+                        global_params,
+                        update.trained,
+                        update.steps,
+                        training.lr,
+                        update.modality_examples,
+                    )
+                acc.add(update.deltas, update.examples, update.modality_examples)
+                losses.append(update.loss)
             if len(chosen):
                 if controls is not None:
                     controls.finish_round(len(chosen))
                 new_params = server.step(global_params, acc.mean(), rnd)
-                _check_finite(new_params, rnd)
+                _check_finite(new_params, f"round {rnd}")
                 with torch.no_grad():
                     for name, p in global_model.named_parameters():
                         p.copy_(new_params[name])
@@ -296,78 +291,132 @@ def simulate(
     return result
 
 
-def _train_cohort(
-    model: MultimodalModel,
-    global_params: dict[str, torch.Tensor],
-    train: MultimodalDataset,
-    data: FederatedDataset,
-    cohort: np.ndarray,
-    sizes: np.ndarray,
-    modality_counts: dict[str, np.ndarray],
-    training: LocalTraining,
-    seed: int,
-    rnd: int,
-    acc: ModalityAwareMean,
-    dev: torch.device,
-    controls: Scaffold | None = None,
-    max_steps: np.ndarray | None = None,
-) -> torch.Tensor:
-    """Train one cohort and add its deltas to ``acc``; return the clients' mean losses.
+@dataclass
+class CohortUpdate:
+    """A trained cohort: one slice per client along the leading axis."""
 
-    ``max_steps`` cuts each client's schedule (partial work); its steps are a prefix, so the
-    cut is exact.
+    clients: np.ndarray
+    deltas: dict[str, torch.Tensor]
+    """Local minus starting parameters."""
+    trained: dict[str, torch.Tensor]
+    loss: torch.Tensor
+    """Each client's mean training loss (on the CPU)."""
+    examples: torch.Tensor
+    modality_examples: dict[str, torch.Tensor]
+    steps: torch.Tensor
+    """Local steps each client took."""
+
+
+class CohortTrainer:
+    """Trains cohorts of a federation's clients with the vectorised trainer.
+
+    Parameters
+    ----------
+    model
+        The architecture (on ``dev``).
+    data
+        The federation.
+    training
+        Local training settings.
+    seed
+        Run seed (each client's shuffling derives from it, the task key and the client id).
+    dev
+        Training device.
     """
-    schedules = [
-        batch_schedule(int(sizes[c]), training, client_seed(seed, rnd, int(c))) for c in cohort
-    ]
-    if max_steps is not None:
-        schedules = [(ix[:m], w[:m]) for (ix, w), m in zip(schedules, max_steps, strict=True)]
-    steps = max(s[0].shape[0] for s in schedules)
-    k = len(cohort)
-    index = torch.zeros((k, steps, training.batch_size), dtype=torch.int64)
-    weight = torch.zeros((k, steps, training.batch_size), dtype=torch.float32)
-    for i, (c, (ix, w)) in enumerate(zip(cohort, schedules, strict=True)):
-        rows = torch.as_tensor(data.client_indices[int(c)], dtype=torch.int64)
-        if ix.shape[0]:
-            index[i, : ix.shape[0]] = rows[ix] if rows.numel() else 0
-            weight[i, : ix.shape[0]] = w
-    index, weight = index.to(dev), weight.to(dev)
-    stacked = {n: p.unsqueeze(0).expand(k, *p.shape).clone() for n, p in global_params.items()}
-    correction = controls.correction(cohort.tolist()) if controls is not None else None
-    trained, loss = train_stacked(model, stacked, train, index, weight, training, correction)
-    deltas = {n: trained[n] - global_params[n] for n in trained}
-    examples = torch.as_tensor(sizes[cohort], dtype=torch.float32, device=dev)
-    mod_examples = {
-        m: torch.as_tensor(v[cohort], dtype=torch.float32, device=dev)
-        for m, v in modality_counts.items()
-    }
-    _check_cohort_finite(deltas, cohort, rnd)
-    if controls is not None:
-        steps_taken = (weight.sum(2) > 0).sum(1)
-        controls.add_cohort(
-            cohort.tolist(), global_params, trained, steps_taken, training.lr, mod_examples
+
+    def __init__(
+        self,
+        model: MultimodalModel,
+        data: FederatedDataset,
+        training: LocalTraining,
+        seed: int,
+        dev: torch.device,
+    ) -> None:
+        self.model = model
+        self.data = data
+        self.train_set = _to_device(data.train, dev)
+        self.training = training
+        self.seed = seed
+        self.dev = dev
+        self.sizes = np.array([len(ix) for ix in data.client_indices])
+        rows = np.concatenate([np.asarray(ix, dtype=np.int64) for ix in data.client_indices])
+        owner = np.repeat(np.arange(data.num_clients), self.sizes)
+        self.modality_counts = {
+            m: np.bincount(
+                owner, weights=data.train.present[m].cpu().numpy()[rows], minlength=data.num_clients
+            ).astype(np.int64)
+            for m in data.train.modalities
+        }
+
+    def train(
+        self,
+        start: dict[str, torch.Tensor],
+        cohort: np.ndarray,
+        key: int,
+        where: str,
+        correction: dict[str, torch.Tensor] | None = None,
+        max_steps: np.ndarray | None = None,
+    ) -> CohortUpdate:
+        """Train ``cohort`` from the parameters ``start``.
+
+        ``key`` (the round, or an asynchronous launch) seeds each client's shuffling; ``where``
+        names it in errors. ``max_steps`` cuts each client's schedule (partial work); its steps
+        are a prefix, so the cut is exact.
+        """
+        training, dev = self.training, self.dev
+        schedules = [
+            batch_schedule(int(self.sizes[c]), training, client_seed(self.seed, key, int(c)))
+            for c in cohort
+        ]
+        if max_steps is not None:
+            schedules = [(ix[:m], w[:m]) for (ix, w), m in zip(schedules, max_steps, strict=True)]
+        steps = max(s[0].shape[0] for s in schedules)
+        k = len(cohort)
+        index = torch.zeros((k, steps, training.batch_size), dtype=torch.int64)
+        weight = torch.zeros((k, steps, training.batch_size), dtype=torch.float32)
+        for i, (c, (ix, w)) in enumerate(zip(cohort, schedules, strict=True)):
+            rows = torch.as_tensor(self.data.client_indices[int(c)], dtype=torch.int64)
+            if ix.shape[0]:
+                index[i, : ix.shape[0]] = rows[ix] if rows.numel() else 0
+                weight[i, : ix.shape[0]] = w
+        index, weight = index.to(dev), weight.to(dev)
+        stacked = {n: p.unsqueeze(0).expand(k, *p.shape).clone() for n, p in start.items()}
+        trained, loss = train_stacked(
+            self.model, stacked, self.train_set, index, weight, training, correction
         )
-    acc.add(deltas, examples, mod_examples)
-    return loss.detach().cpu()
+        deltas = {n: trained[n] - start[n] for n in trained}
+        _check_cohort_finite(deltas, cohort, where)
+        return CohortUpdate(
+            clients=cohort,
+            deltas=deltas,
+            trained=trained,
+            loss=loss.detach().cpu(),
+            examples=torch.as_tensor(self.sizes[cohort], dtype=torch.float32, device=dev),
+            modality_examples={
+                m: torch.as_tensor(v[cohort], dtype=torch.float32, device=dev)
+                for m, v in self.modality_counts.items()
+            },
+            steps=(weight.sum(2) > 0).sum(1),
+        )
 
 
-def _check_cohort_finite(deltas: dict[str, torch.Tensor], cohort: np.ndarray, rnd: int) -> None:
+def _check_cohort_finite(deltas: dict[str, torch.Tensor], cohort: np.ndarray, where: str) -> None:
     bad = torch.zeros(len(cohort), dtype=torch.bool, device=next(iter(deltas.values())).device)
     for d in deltas.values():
         bad |= ~torch.isfinite(d.flatten(1)).all(1)
     if bool(bad.any()):
         clients = [int(c) for c, b in zip(cohort, bad.cpu().tolist(), strict=True) if b]
         raise TrainingError(
-            f"round {rnd}: client(s) {clients} produced non-finite (NaN/inf) updates; "
+            f"{where}: client(s) {clients} produced non-finite (NaN/inf) updates; "
             "lower `training.lr`, check those clients' data for extreme values, or enable "
             "update clipping."
         )
 
 
-def _check_finite(params: dict[str, torch.Tensor], rnd: int) -> None:
+def _check_finite(params: dict[str, torch.Tensor], where: str) -> None:
     for name, p in params.items():
         if not bool(torch.isfinite(p).all()):
-            raise TrainingError(f"round {rnd}: global parameter {name!r} became non-finite")
+            raise TrainingError(f"{where}: global parameter {name!r} became non-finite")
 
 
 def _to_device(ds: MultimodalDataset, dev: torch.device) -> MultimodalDataset:
