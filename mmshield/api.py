@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,11 +33,13 @@ from mmshield.data.partition import (
     quantity_skew_partition,
 )
 from mmshield.errors import ConfigError, MMShieldError
+from mmshield.fl.aggregate import ClientQuality
 from mmshield.fl.client import LocalTraining
 from mmshield.fl.evaluate import accuracy_by_modalities, evaluate
 from mmshield.fl.strategy import make_server_optimizer
 from mmshield.models.model import MultimodalModel, build_model
-from mmshield.runtime.simulation import RoundRecord, simulate
+from mmshield.runtime.asynchronous import simulate_buffered
+from mmshield.runtime.simulation import RoundRecord, SimulationResult, simulate
 from mmshield.runtime.systems import Distribution, SystemsProfile
 
 __all__ = ["Job", "RunOutcome", "build_job", "load_config", "run"]
@@ -56,6 +59,7 @@ class Job:
     holds: np.ndarray
     rescued_clients: int
     notes: list[str] = field(default_factory=list)
+    quality: ClientQuality | None = None
 
 
 @dataclass
@@ -173,8 +177,72 @@ def build_job(config: RunConfig) -> Job:
         proximal_mu=t.proximal_mu,
     )
     per_round = min(t.clients_per_round or data.num_clients, data.num_clients)
+    quality = None
+    if config.server.client_quality:
+        try:
+            quality = ClientQuality(
+                config.server.client_quality, data.num_clients, train.modalities
+            )
+        except ValueError as exc:
+            raise ConfigError(f"server.client_quality: {exc}") from None
     return Job(
-        config, data, model, training, t.rounds, per_round, config.seed, holds, rescued, notes
+        config,
+        data,
+        model,
+        training,
+        t.rounds,
+        per_round,
+        config.seed,
+        holds,
+        rescued,
+        notes,
+        quality,
+    )
+
+
+def simulate_job(
+    job: Job, *, progress: bool = False, on_round: Callable[[RoundRecord], None] | None = None
+) -> SimulationResult:
+    """Train ``job`` in the simulator its config selects (synchronous, or FedBuff's)."""
+    config = job.config
+    srv = config.server
+    server = make_server_optimizer(
+        srv.strategy,
+        lr=srv.lr,
+        momentum=srv.momentum,
+        beta_1=srv.beta_1,
+        beta_2=srv.beta_2,
+        tau=srv.tau,
+    )
+    common: dict[str, Any] = {
+        "training": job.training,
+        "seed": job.seed,
+        "server": server,
+        "systems": systems_profile(config.systems),
+        "quality": job.quality,
+        "device": config.simulation.device,
+        "cohort_size": config.simulation.cohort_size,
+        "eval_every": config.training.eval_every,
+        "progress": progress,
+        "on_round": on_round,
+    }
+    if srv.strategy == "fedbuff":
+        return simulate_buffered(
+            job.model,
+            job.data,
+            updates=job.rounds,
+            concurrency=job.clients_per_round,
+            buffer_size=srv.buffer_size,
+            staleness_exponent=srv.staleness_exponent,
+            **common,
+        )
+    return simulate(
+        job.model,
+        job.data,
+        rounds=job.rounds,
+        clients_per_round=job.clients_per_round,
+        scaffold=srv.strategy == "scaffold",
+        **common,
     )
 
 
@@ -267,29 +335,7 @@ def run(
                 metrics |= {"test_accuracy": record.test_accuracy, "test_loss": record.test_loss}
             store.log_round(info.run_id, record.round, metrics)
 
-        result = simulate(
-            job.model,
-            job.data,
-            rounds=job.rounds,
-            clients_per_round=job.clients_per_round,
-            training=job.training,
-            seed=job.seed,
-            server=make_server_optimizer(
-                config.server.strategy,
-                lr=config.server.lr,
-                momentum=config.server.momentum,
-                beta_1=config.server.beta_1,
-                beta_2=config.server.beta_2,
-                tau=config.server.tau,
-            ),
-            scaffold=config.server.strategy == "scaffold",
-            systems=systems_profile(config.systems),
-            device=config.simulation.device,
-            cohort_size=config.simulation.cohort_size,
-            eval_every=config.training.eval_every,
-            progress=progress,
-            on_round=log,
-        )
+        result = simulate_job(job, progress=progress, on_round=log)
         test_loss, accuracy = evaluate(result.model, job.data.test)
         by_modalities = accuracy_by_modalities(result.model, job.data.test)
         model_path = info.run_dir / "model.safetensors"

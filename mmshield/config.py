@@ -87,9 +87,9 @@ class TrainingConfig(_Strict):
 class ServerConfig(_Strict):
     """How the server turns the mean client update into the next model."""
 
-    strategy: Literal["fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "scaffold"] = (
-        "fedavg"
-    )
+    strategy: Literal[
+        "fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "scaffold", "fedbuff"
+    ] = "fedavg"
     lr: float | None = Field(
         default=None, gt=0, description="server learning rate; default per strategy"
     )
@@ -97,6 +97,24 @@ class ServerConfig(_Strict):
     beta_1: float | None = Field(default=None, ge=0, lt=1, description="adaptive: first moment")
     beta_2: float = Field(default=0.99, ge=0, lt=1, description="adaptive: second moment")
     tau: float = Field(default=1e-3, gt=0, description="adaptive: adaptivity")
+    buffer_size: int = Field(default=10, ge=1, description="fedbuff: updates per server step")
+    staleness_exponent: float = Field(
+        default=0.5, ge=0, description="fedbuff: discount (1 + staleness)^-a"
+    )
+    client_quality: dict[int, float | dict[str, float]] = Field(
+        default_factory=dict,
+        description="client -> quality score (or modality -> score) multiplying its weight",
+    )
+
+    @model_validator(mode="after")
+    def _quality_non_negative(self) -> ServerConfig:
+        for client, q in self.client_quality.items():
+            scores = q.values() if isinstance(q, dict) else [q]
+            if any(not 0 <= v < float("inf") for v in scores):
+                raise ValueError(
+                    f"server.client_quality.{client}: scores must be finite and >= 0 (got {q})"
+                )
+        return self
 
 
 class DistributionConfig(_Strict):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import numpy as np
 import torch
 
 from mmshield.models.model import modality_of_parameter
@@ -36,6 +37,7 @@ class ModalityAwareMean:
         deltas: Mapping[str, torch.Tensor],
         examples: torch.Tensor,
         modality_examples: Mapping[str, torch.Tensor],
+        discount: torch.Tensor | None = None,
     ) -> None:
         """Add a cohort of ``K`` client updates.
 
@@ -50,6 +52,9 @@ class ModalityAwareMean:
             ``modality -> (K,)`` records in which that modality is present: the weight of that
             modality's encoder, so a client with 0 is left out of its average and a client
             holding the modality in few records counts for few.
+        discount
+            Optional ``(K,)`` factors that shrink each client's contribution without entering
+            the normaliser (FedBuff's staleness weighting: a stale update moves the model less).
         """
         self.clients += int(examples.shape[0])
         for name, delta in deltas.items():
@@ -58,8 +63,10 @@ class ModalityAwareMean:
             if modality is not None and modality in modality_examples:
                 # An encoder learns only from the records that hold its modality.
                 w = modality_examples[modality].to(delta.dtype)
-            self._sum[name] += torch.tensordot(w, delta, dims=1)
             self._weight[name] += w.sum()
+            if discount is not None:
+                w = w * discount.to(delta.dtype)
+            self._sum[name] += torch.tensordot(w, delta, dims=1)
 
     def mean(self) -> dict[str, torch.Tensor]:
         """Weighted mean delta of every parameter that at least one client could update.
@@ -68,3 +75,69 @@ class ModalityAwareMean:
         no server optimiser moves it.
         """
         return {k: s / self._weight[k] for k, s in self._sum.items() if float(self._weight[k]) > 0}
+
+
+class ClientQuality:
+    """Per-client quality scores that multiply aggregation weights.
+
+    A score says how much a client's data are worth relative to their size: 0.2 for a site known
+    to label carelessly, 0 for an audio stream known to be broken. A plain score multiplies the
+    client's weight for every parameter group; a ``modality -> score`` mapping multiplies only
+    that modality's encoder weight, so a client's noisy modality does not dilute its encoder
+    while the client still counts fully elsewhere.
+
+    Parameters
+    ----------
+    scores
+        ``client -> score`` or ``client -> {modality: score}``; absent clients score 1.
+    num_clients
+        Population size.
+    modalities
+        The data set's modalities.
+
+    Raises
+    ------
+    ValueError
+        Naming the client or modality that does not exist, or a negative or non-finite score.
+    """
+
+    def __init__(
+        self,
+        scores: Mapping[int, float | Mapping[str, float]],
+        num_clients: int,
+        modalities: list[str],
+    ) -> None:
+        self.client = np.ones(num_clients)
+        self.modality = {m: np.ones(num_clients) for m in modalities}
+        for client, score in scores.items():
+            if not 0 <= client < num_clients:
+                raise ValueError(
+                    f"client {client} does not exist (clients are 0..{num_clients - 1})"
+                )
+            values = dict(score) if isinstance(score, Mapping) else {"": score}
+            for modality, v in values.items():
+                if not (np.isfinite(v) and v >= 0):
+                    raise ValueError(f"client {client}: quality must be finite and >= 0, got {v}")
+                if modality == "":
+                    self.client[client] = v
+                elif modality in self.modality:
+                    self.modality[modality][client] = v
+                else:
+                    raise ValueError(
+                        f"client {client}: unknown modality {modality!r}; "
+                        f"the data set has {modalities}"
+                    )
+
+    def apply(
+        self,
+        clients: np.ndarray,
+        examples: torch.Tensor,
+        modality_examples: Mapping[str, torch.Tensor],
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Weights of ``clients`` after their quality scores."""
+        q = torch.as_tensor(self.client[clients], dtype=examples.dtype, device=examples.device)
+        by_modality = {
+            m: e * q * torch.as_tensor(self.modality[m][clients], dtype=e.dtype, device=e.device)
+            for m, e in modality_examples.items()
+        }
+        return examples * q, by_modality

@@ -28,7 +28,7 @@ class ServerOptimizer(Protocol):
         ...
 
 
-STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "scaffold")
+STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "scaffold", "fedbuff")
 
 
 def make_server_optimizer(
@@ -45,7 +45,8 @@ def make_server_optimizer(
     Parameters
     ----------
     name
-        One of :data:`STRATEGIES` (``scaffold`` also needs ``simulate(..., scaffold=True)``).
+        One of :data:`STRATEGIES` (``scaffold`` also needs ``simulate(..., scaffold=True)``,
+        ``fedbuff`` the asynchronous runtime :mod:`mmshield.runtime.asynchronous`).
     lr
         Server learning rate (``eta`` for the adaptive ones); ``None`` takes each strategy's
         default (1.0 for FedAvg/FedAvgM, 0.1 for FedAdam/FedAdagrad, 0.01 for FedYogi).
@@ -55,8 +56,9 @@ def make_server_optimizer(
         Adaptive optimisers' moment decays and adaptivity (``beta_1`` default: 0.9, and 0 for
         FedAdagrad).
     """
-    if name in ("fedavg", "scaffold"):  # SCAFFOLD's server step is FedAvg's (its control
-        # variates live in mmshield.fl.scaffold and are switched on by the runtime)
+    if name in ("fedavg", "scaffold", "fedbuff"):  # SCAFFOLD's and FedBuff's server step is
+        # FedAvg's (control variates live in mmshield.fl.scaffold, the buffer in
+        # mmshield.fl.fedbuff; the runtime switches them on)
         return FedAvg(server_lr=1.0 if lr is None else lr)
     if name == "fedavgm":
         return FedAvgM(server_lr=1.0 if lr is None else lr, momentum=momentum)

@@ -23,7 +23,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 from mmshield.data.dataset import FederatedDataset, MultimodalDataset
 from mmshield.errors import TrainingError
-from mmshield.fl.aggregate import ModalityAwareMean
+from mmshield.fl.aggregate import ClientQuality, ModalityAwareMean
 from mmshield.fl.client import LocalTraining, batch_schedule, client_seed, train_stacked
 from mmshield.fl.evaluate import evaluate
 from mmshield.fl.fedavg import FedAvg
@@ -55,6 +55,8 @@ class RoundRecord:
     """Clients that did only part of their local work (stragglers, deadline)."""
     simulated_seconds: float | None = None
     """The round's duration on the simulated clock (``None`` without a systems profile)."""
+    staleness: float | None = None
+    """Asynchronous runs: mean server steps between a contributing client's start and its use."""
 
 
 @dataclass
@@ -138,6 +140,7 @@ def simulate(
     server: ServerOptimizer | None = None,
     scaffold: bool = False,
     systems: SystemsProfile | None = None,
+    quality: ClientQuality | None = None,
     device: str = "cpu",
     cohort_size: int | None = None,
     eval_every: int = 1,
@@ -168,6 +171,8 @@ def simulate(
         Client speeds, availability, dropouts, stragglers and a round deadline on a simulated
         clock (:mod:`mmshield.runtime.systems`); ``None``: every client is always there and
         finishes its work.
+    quality
+        Per-client (and per-modality) quality scores multiplying the aggregation weights.
     device
         ``"cpu"``, ``"cuda"`` or ``"auto"``.
     cohort_size
@@ -189,7 +194,7 @@ def simulate(
     server = server or FedAvg()
     start = time.perf_counter()
     global_model = copy.deepcopy(model).to(dev)
-    trainer = CohortTrainer(global_model, data, training, seed, dev)
+    trainer = CohortTrainer(global_model, data, training, seed, dev, quality)
     sizes = trainer.sizes
     if cohort_size is None:
         cohort_size = auto_cohort_size(global_model, trainer.train_set, training.batch_size)
@@ -302,7 +307,9 @@ class CohortUpdate:
     loss: torch.Tensor
     """Each client's mean training loss (on the CPU)."""
     examples: torch.Tensor
+    """Aggregation weight of shared parameters: records held (times the quality score)."""
     modality_examples: dict[str, torch.Tensor]
+    """Aggregation weight of each encoder: records holding its modality (times quality)."""
     steps: torch.Tensor
     """Local steps each client took."""
 
@@ -322,6 +329,8 @@ class CohortTrainer:
         Run seed (each client's shuffling derives from it, the task key and the client id).
     dev
         Training device.
+    quality
+        Optional per-client quality scores applied to the aggregation weights.
     """
 
     def __init__(
@@ -331,8 +340,10 @@ class CohortTrainer:
         training: LocalTraining,
         seed: int,
         dev: torch.device,
+        quality: ClientQuality | None = None,
     ) -> None:
         self.model = model
+        self.quality = quality
         self.data = data
         self.train_set = _to_device(data.train, dev)
         self.training = training
@@ -352,21 +363,23 @@ class CohortTrainer:
         self,
         start: dict[str, torch.Tensor],
         cohort: np.ndarray,
-        key: int,
+        key: int | np.ndarray,
         where: str,
         correction: dict[str, torch.Tensor] | None = None,
         max_steps: np.ndarray | None = None,
     ) -> CohortUpdate:
         """Train ``cohort`` from the parameters ``start``.
 
-        ``key`` (the round, or an asynchronous launch) seeds each client's shuffling; ``where``
+        ``key`` (the round, or one asynchronous task number per client) seeds each client's
+        shuffling; ``where``
         names it in errors. ``max_steps`` cuts each client's schedule (partial work); its steps
         are a prefix, so the cut is exact.
         """
         training, dev = self.training, self.dev
+        keys = np.broadcast_to(np.asarray(key), cohort.shape)
         schedules = [
-            batch_schedule(int(self.sizes[c]), training, client_seed(self.seed, key, int(c)))
-            for c in cohort
+            batch_schedule(int(self.sizes[c]), training, client_seed(self.seed, int(t), int(c)))
+            for c, t in zip(cohort, keys, strict=True)
         ]
         if max_steps is not None:
             schedules = [(ix[:m], w[:m]) for (ix, w), m in zip(schedules, max_steps, strict=True)]
@@ -386,16 +399,20 @@ class CohortTrainer:
         )
         deltas = {n: trained[n] - start[n] for n in trained}
         _check_cohort_finite(deltas, cohort, where)
+        examples = torch.as_tensor(self.sizes[cohort], dtype=torch.float32, device=dev)
+        modality_examples = {
+            m: torch.as_tensor(v[cohort], dtype=torch.float32, device=dev)
+            for m, v in self.modality_counts.items()
+        }
+        if self.quality is not None:
+            examples, modality_examples = self.quality.apply(cohort, examples, modality_examples)
         return CohortUpdate(
             clients=cohort,
             deltas=deltas,
             trained=trained,
             loss=loss.detach().cpu(),
-            examples=torch.as_tensor(self.sizes[cohort], dtype=torch.float32, device=dev),
-            modality_examples={
-                m: torch.as_tensor(v[cohort], dtype=torch.float32, device=dev)
-                for m, v in self.modality_counts.items()
-            },
+            examples=examples,
+            modality_examples=modality_examples,
             steps=(weight.sum(2) > 0).sum(1),
         )
 
