@@ -70,3 +70,27 @@ def test_simulator_benchmark_runs_and_writes_expected_json(tmp_path: Path) -> No
     assert overhead["parameters"] == 64 * 64 + 64 + 64 * 10 + 10
     demo = payload["workloads"]["demo"]["workload"]
     assert demo["clients"] == 20 and demo["modalities"] == ["image", "audio", "text"]
+
+
+@pytest.mark.slow
+def test_async_benchmark_runs_and_writes_expected_json(tmp_path: Path) -> None:
+    out = tmp_path / "async.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.async", "--quick", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "sooner in simulated time" in proc.stdout
+    payload = json.loads(out.read_text())
+    assert payload["quick"] is True and "machine" in payload
+    speedup = payload["targets"]["fedbuff_time_to_accuracy_speedup"]
+    assert speedup["op"] == ">=" and speedup["unit"] == "x"
+    for name in ("fedavg", "fedbuff"):
+        r = payload["results"][name]
+        assert len(r["curve"]["seconds"]) == len(r["curve"]["accuracy"]) > 0
+        assert r["curve"]["seconds"] == sorted(r["curve"]["seconds"])
+    assert 0.0 < payload["results"]["goal_accuracy"] < 1.0
+    assert Path(payload["plot"]).exists()
