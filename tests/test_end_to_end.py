@@ -63,7 +63,8 @@ def test_run_fedprox_synthetic_end_to_end(tmp_path: Path, capsys) -> None:
     assert summary["partial_clients"] > 0
     assert summary["client_updates"] + summary["dropped_clients"] == 50
     assert "simulated time" in out
-    assert "Simulated time" in (run_dir / "report.html").read_text()
+    html = (run_dir / "report.html").read_text()
+    assert "Simulated time" in html and 'data-plot="systems"' in html
     for name in (
         "config.yaml",
         "summary.json",

@@ -244,6 +244,46 @@ def _plot_accuracy_loss(metrics: Mapping[str, list[tuple[int, float]]]) -> _Plot
         return _to_plot(fig, "accuracy_loss", "Per-round " + ", ".join(parts))
 
 
+def _plot_systems(metrics: Mapping[str, list[tuple[int, float]]]) -> _Plot | None:
+    """Accuracy against simulated time, and who took part per round, for runs with a clock."""
+    clock = dict(metrics.get("simulated_seconds", []))
+    acc = [(clock[r], v) for r, v in metrics.get("test_accuracy", []) if r in clock]
+    if not clock:
+        return None
+    rounds = sorted(clock)
+    clients = dict(metrics.get("clients", []))
+    dropped = dict(metrics.get("dropped", []))
+    partial = dict(metrics.get("partial", []))
+    with _rc():
+        fig = _figure(9.5, 3.4)
+        left, right = fig.subplots(1, 2)
+        if acc:
+            left.plot([t for t, _ in acc], [v for _, v in acc], color=_PALETTE[0], linewidth=2)
+            left.set_ylim(0, 1.02)
+            left.yaxis.set_major_formatter(_percent_formatter())
+        left.set_title("Accuracy against simulated time")
+        left.set_xlabel("simulated seconds")
+        left.set_ylabel("test accuracy")
+        sent = [clients.get(r, 0.0) for r in rounds]
+        right.bar(rounds, sent, color=_PALETTE[0], label="sent an update")
+        right.bar(
+            rounds, [dropped.get(r, 0.0) for r in rounds], bottom=sent, color="#bbbbbb",
+            label="dropped out",
+        )  # fmt: skip
+        right.plot(
+            rounds, [partial.get(r, 0.0) for r in rounds], color=_PALETTE[1], marker=".",
+            linewidth=1.5, label="did partial work",
+        )  # fmt: skip
+        right.set_title("Clients per round (or server step)")
+        right.set_xlabel("round")
+        right.set_ylabel("clients")
+        right.xaxis.get_major_locator().set_params(integer=True)
+        right.legend(loc="best")
+        return _to_plot(
+            fig, "systems", "Accuracy against simulated time; clients per round by outcome"
+        )
+
+
 def _modality_key(item: tuple[str, float]) -> tuple[int, float, str]:
     name, value = item
     return (-len([p for p in re.split(r"[+,&]", name) if p.strip()]), -value, name)
@@ -627,6 +667,7 @@ def render_report(store: RunStore, run_id: str, out: Path | None = None) -> Path
     by_mod = summary.get("accuracy_by_modalities")
     by_mod = by_mod if isinstance(by_mod, Mapping) else {}
     plot_curves = _plot_accuracy_loss(metrics)
+    plot_systems = _plot_systems(metrics)
     plot_mods = _plot_accuracy_by_modalities(by_mod) if by_mod else None
     part, part_note = _load_partition(run.run_dir)
     part_path = run.run_dir / "partition.json"
@@ -683,6 +724,8 @@ def render_report(store: RunStore, run_id: str, out: Path | None = None) -> Path
     )
 
     progress = _figure_html(plot_curves, "No per-round accuracy or loss was logged for this run.")
+    if plot_systems is not None:
+        progress += _figure_html(plot_systems, "")
     if metrics:
         progress += _rounds_table(metrics)
     sections.append(f"<section class='card'><h2>Training progress</h2>{progress}</section>")

@@ -196,7 +196,11 @@ class ClientSystems:
         full = steps_per_epoch.astype(np.int64) * local_epochs
         dropped = rng.random(k) < p.dropout
         planned = full.copy()
-        n_stragglers = round(p.stragglers * k)
+        # round(x k) stragglers would give none when clients start one at a time (FedBuff):
+        # floor(x k), plus one more with probability frac(x k), keeps the expected fraction
+        # exact and, for 10 clients at 90%, is exactly the paper's 9.
+        expected = p.stragglers * k
+        n_stragglers = int(expected) + int(rng.random() < expected - int(expected))
         if n_stragglers:
             who = rng.choice(k, size=n_stragglers, replace=False)
             for i in who:
