@@ -64,7 +64,7 @@ between processes) summed over the driver and all its descendants (Ray's GCS, ra
 and the two actors); a sampled peak can miss short spikes.
 
 Profile: one more fresh run at 10,000 clients per round (auto cohort, 1 torch thread) times the
-parts of a round by wrapping the simulator's helpers (set-up, per-client batch schedules and
+parts of a round by wrapping the simulator's helpers (set-up, vectorised batch schedules and
 seeds, the cohort trainer's own work, the vmapped gradient steps, the rest of ``train_stacked``,
 finiteness checks, aggregation, evaluation; each part's exclusive time, so they add up to the
 round), then a warm round under cProfile (top functions by own time in the JSON).
@@ -531,9 +531,9 @@ def _flower_worker(cfg: Config) -> dict[str, Any]:
 # exclusive time (time inside other wrapped parts is subtracted), so the parts add up.
 PROFILE_PARTS: dict[str, tuple[str, ...]] = {
     "sample_clients": ("sim:sample_clients",),
-    "batch_schedule (per client)": ("sim:batch_schedule",),
-    "client_seed (per client)": ("sim:client_seed",),
-    "cohort set-up (per-client index/weight loop, stacking, deltas)": (
+    "batch schedules (vectorised, per cohort)": ("sim:batch_schedules",),
+    "client seeds (vectorised, per cohort)": ("sim:client_seeds",),
+    "cohort set-up (sort by schedule length, row lookup, stacking, deltas)": (
         "sim:CohortTrainer.train",
         "sim:_train_cohort",
     ),

@@ -70,5 +70,5 @@ def test_scale_benchmark_runs_and_writes_expected_json(tmp_path: Path) -> None:
     parts = last["parts_seconds"]
     assert sum(parts.values()) == pytest.approx(last["round_seconds"], rel=1e-6)
     assert parts["vmapped grad steps (forward + backward)"] > 0
-    assert last["calls"]["batch_schedule (per client)"] == 1_000
+    assert last["calls"]["batch schedules (vectorised, per cohort)"] >= 1
     assert profile["cprofile_top"] and profile["cprofile_top"][0]["tottime"] > 0

@@ -195,3 +195,34 @@ def test_encoder_weighted_by_records_that_hold_its_modality() -> None:
     mean = acc.mean()
     torch.testing.assert_close(mean["encoders.audio.w"], torch.full((2,), (9 * 1 + 1 * 3) / 10))
     torch.testing.assert_close(mean["head.w"], torch.full((2,), (10 * 1 + 30 * 3) / 40))
+
+
+def test_vectorised_schedules_equal_per_client_ones_and_shuffle_uniformly() -> None:
+    import collections
+
+    from mmshield.fl.client import batch_schedule, batch_schedules, client_seeds
+
+    training = LocalTraining(local_epochs=3, batch_size=4)
+    sizes = np.array([10, 3, 0, 5, 17])
+    seeds = client_seeds(4, 2, np.arange(5))
+    index, weight = batch_schedules(sizes, training, seeds, max_steps=np.array([99, 99, 99, 4, 7]))
+    for c, n in enumerate(sizes):
+        ix, w = batch_schedule(int(n), training, int(seeds[c]))
+        m = min(len(ix), [99, 99, 99, 4, 7][c])
+        np.testing.assert_array_equal(index[c, :m], ix[:m].numpy())
+        np.testing.assert_array_equal(weight[c, :m], w[:m].numpy())
+        assert not weight[c, m:].any()
+        # Each full epoch visits every record exactly once.
+        per_epoch = -(-int(n) // 4)
+        for e in range(m // per_epoch if per_epoch else 0):
+            block = slice(e * per_epoch, (e + 1) * per_epoch)
+            real = ix[block][w[block] > 0]
+            assert sorted(real.tolist()) == list(range(n))
+    # All 24 orders of 4 records are equally likely (expected 1,000 each).
+    counts = collections.Counter(
+        tuple(batch_schedule(4, LocalTraining(batch_size=4), int(s))[0][0].tolist())
+        for s in client_seeds(0, 1, np.arange(24_000))
+    )
+    assert len(counts) == 24
+    chi2 = sum((v - 1000) ** 2 / 1000 for v in counts.values())
+    assert chi2 < 49.7  # 99.9th percentile of chi-square with 23 degrees of freedom

@@ -205,7 +205,8 @@ def simulate_buffered(
                 f"server step {version + 1} (tasks {group[0].number}..{group[-1].number})",
                 max_steps=np.array([t.steps for t in group]),
             )
-            for i, t in enumerate(group):
+            for i, position in enumerate(update.order):
+                t = group[int(position)]
                 t.update = (
                     {k: d[i : i + 1] for k, d in update.deltas.items()},
                     update.loss[i : i + 1],
