@@ -47,3 +47,8 @@ class TrainingError(MMShieldError):
 
 class StoreError(MMShieldError):
     """The run store could not be read or written."""
+
+
+class PrivacyError(MMShieldError):
+    """A privacy guarantee cannot be given as asked: an unreachable ε, an unaccountable sampling
+    scheme, or an exhausted budget."""

@@ -1,0 +1,1 @@
+"""Differential privacy: accounting, DP-SGD, client-level DP, the privacy ledger."""
