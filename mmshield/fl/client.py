@@ -11,8 +11,9 @@ same work and give the same update up to floating-point summation order.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -21,6 +22,20 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from mmshield.data.dataset import MultimodalDataset
 from mmshield.models.model import MultimodalModel
+
+
+class PrivateGradient(Protocol):
+    """What sample-level DP plugs into the trainer (:class:`mmshield.privacy.dpsgd.DPSGD`)."""
+
+    def clipped_sum_fn(
+        self, model: MultimodalModel
+    ) -> Callable[..., tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]]:
+        """A vmappable ``(params, inputs, present, labels, weight) -> (sums, loss_sum, norms)``."""
+        ...
+
+    def noise(self, like: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Noise shaped like ``like``."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -246,6 +261,9 @@ def train_stacked(
     weight: torch.Tensor,
     training: LocalTraining,
     correction: Mapping[str, torch.Tensor] | None = None,
+    private: PrivateGradient | None = None,
+    lengths: torch.Tensor | None = None,
+    expected_batch: torch.Tensor | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Train a cohort of clients at once, vectorised over clients with ``torch.func.vmap``.
 
@@ -268,6 +286,16 @@ def train_stacked(
         Local training settings.
     correction
         Optional ``name -> (K, *shape)`` added to each client's gradients (SCAFFOLD).
+    private
+        Sample-level DP (e.g. :class:`mmshield.privacy.dpsgd.DPSGD`): each step's gradient is
+        the sum of per-record clipped gradients plus noise, over the expected batch size
+        ``training.batch_size`` (fewer for a client holding fewer records).
+    lengths
+        ``(K,)`` steps per client, when a step may have an empty batch (Poisson sampling);
+        default: the steps holding at least one real record.
+    expected_batch
+        ``(K,)`` DP-SGD's divisor per client (``min(batch_size, records)``); default
+        ``training.batch_size``.
 
     Returns
     -------
@@ -288,12 +316,14 @@ def train_stacked(
         return _weighted_loss(logits, labels, w)
 
     step_fn = vmap(grad_and_value(loss_fn))
+    private_fn = vmap(private.clipped_sum_fn(model)) if private is not None else None
     k_clients = index.shape[0]
     # A client's schedule is a prefix of the steps (its real steps come first). Sorting clients
     # by schedule length, longest first, makes the clients still training at any step a prefix of
     # the cohort, so each step computes on a view of that prefix and skips finished clients.
-    has_work = weight.sum(2) > 0  # (K, steps)
-    lengths = has_work.sum(1)
+    if lengths is None:
+        lengths = (weight.sum(2) > 0).sum(1)  # (K,)
+    lengths = lengths.to(weight.device)
     presorted = bool((lengths[:-1] >= lengths[1:]).all())
     order = None if presorted else torch.argsort(lengths, descending=True, stable=True)
 
@@ -311,6 +341,14 @@ def train_stacked(
     corr = {k: ordered(v) for k, v in correction.items()} if correction is not None else None
     momentum = {k: torch.zeros_like(v) for k, v in current.items()} if training.momentum else {}
     loss_sum = torch.zeros(k_clients, device=weight.device)
+    # DP-SGD divides by the expected batch size, never by the sampled one (which would leak).
+    batch_div = (
+        expected_batch.to(weight.device, torch.float32)[order]
+        if expected_batch is not None and order is not None
+        else expected_batch.to(weight.device, torch.float32)
+        if expected_batch is not None
+        else torch.full((k_clients,), float(training.batch_size), device=weight.device)
+    )
     modalities = data.modalities
     steps = int(lengths[0]) if k_clients else 0
     for s in range(steps):
@@ -320,7 +358,16 @@ def train_stacked(
         inputs = {m: data.inputs[m][rows] for m in modalities}
         present = {m: data.present[m][rows] for m in modalities}
         active = {k: v[:n] for k, v in current.items()}
-        grads, loss = step_fn(active, inputs, present, data.labels[rows], w)
+        if private_fn is not None and private is not None:
+            sums, loss_total, _ = private_fn(active, inputs, present, data.labels[rows], w)
+            noise = private.noise(sums)
+            grads = {
+                k: (v + noise[k]) / batch_div[:n].view(-1, *[1] * (v.dim() - 1))
+                for k, v in sums.items()
+            }
+            loss = loss_total / w.sum(1).clamp_min(1.0)
+        else:
+            grads, loss = step_fn(active, inputs, present, data.labels[rows], w)
         with torch.no_grad():
             for name in names:
                 p = active[name]

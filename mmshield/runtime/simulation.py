@@ -30,6 +30,7 @@ from mmshield.fl.fedavg import FedAvg
 from mmshield.fl.scaffold import Scaffold
 from mmshield.fl.strategy import ServerOptimizer
 from mmshield.models.model import MultimodalModel
+from mmshield.privacy.dpsgd import DPSGD, poisson_schedules
 from mmshield.runtime.systems import ClientSystems, SystemsProfile, steps_per_epoch
 
 BYTES_PER_PARAMETER = 4  # float32 on the wire
@@ -157,6 +158,7 @@ def simulate(
     scaffold: bool = False,
     systems: SystemsProfile | None = None,
     quality: ClientQuality | None = None,
+    private: DPSGD | None = None,
     device: str = "cpu",
     cohort_size: int | None = None,
     eval_every: int = 1,
@@ -189,6 +191,8 @@ def simulate(
         finishes its work.
     quality
         Per-client (and per-modality) quality scores multiplying the aggregation weights.
+    private
+        Sample-level DP-SGD in every client's local training (:mod:`mmshield.privacy.dpsgd`).
     device
         ``"cpu"``, ``"cuda"`` or ``"auto"``.
     cohort_size
@@ -210,7 +214,7 @@ def simulate(
     server = server or FedAvg()
     start = time.perf_counter()
     global_model = copy.deepcopy(model).to(dev)
-    trainer = CohortTrainer(global_model, data, training, seed, dev, quality)
+    trainer = CohortTrainer(global_model, data, training, seed, dev, quality, private)
     sizes = trainer.sizes
     if cohort_size is None:
         cohort_size = auto_cohort_size(
@@ -351,6 +355,8 @@ class CohortTrainer:
         Training device.
     quality
         Optional per-client quality scores applied to the aggregation weights.
+    private
+        Sample-level DP-SGD (Poisson-sampled batches, per-record clipping, noise).
     """
 
     def __init__(
@@ -361,9 +367,11 @@ class CohortTrainer:
         seed: int,
         dev: torch.device,
         quality: ClientQuality | None = None,
+        private: DPSGD | None = None,
     ) -> None:
         self.model = model
         self.quality = quality
+        self.private = private
         self.data = data
         self.train_set = _to_device(data.train, dev)
         self.training = training
@@ -417,7 +425,17 @@ class CohortTrainer:
         if correction is not None:
             perm = torch.as_tensor(order, device=dev)
             correction = {n: c[perm] for n, c in correction.items()}
-        local, weight_np = batch_schedules(self.sizes[cohort], training, seeds, max_steps)
+        steps_np = None
+        if self.private is not None:
+            local, weight_np, steps_np = poisson_schedules(
+                self.sizes[cohort],
+                training.batch_size,
+                training.local_epochs,
+                self.private.source,
+                max_steps,
+            )
+        else:
+            local, weight_np = batch_schedules(self.sizes[cohort], training, seeds, max_steps)
         # Local record i of client c is row rows[offsets[c] + i] of the training set.
         flat = self.offsets[cohort][:, None, None] + local
         index = torch.from_numpy(np.where(weight_np > 0, self.rows[flat], 0)).to(dev)
@@ -426,7 +444,16 @@ class CohortTrainer:
         # Every client starts from ``start``: a broadcast view, copied once inside the trainer.
         stacked = {n: p.unsqueeze(0).expand(k, *p.shape) for n, p in start.items()}
         trained, loss = train_stacked(
-            self.model, stacked, self.train_set, index, weight, training, correction
+            self.model,
+            stacked,
+            self.train_set,
+            index,
+            weight,
+            training,
+            correction,
+            self.private,
+            None if steps_np is None else torch.from_numpy(steps_np),
+            torch.from_numpy(np.minimum(self.sizes[cohort], training.batch_size)),
         )
         deltas = {n: trained[n] - start[n] for n in trained}
         _check_cohort_finite(deltas, cohort, where)
@@ -445,7 +472,7 @@ class CohortTrainer:
             loss=loss.detach().cpu(),
             examples=examples,
             modality_examples=modality_examples,
-            steps=(weight.sum(2) > 0).sum(1),
+            steps=((weight.sum(2) > 0).sum(1) if steps_np is None else torch.from_numpy(steps_np)),
         )
 
 
