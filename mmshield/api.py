@@ -38,6 +38,8 @@ from mmshield.fl.client import LocalTraining
 from mmshield.fl.evaluate import accuracy_by_modalities, evaluate
 from mmshield.fl.strategy import make_server_optimizer
 from mmshield.models.model import MultimodalModel, build_model
+from mmshield.privacy.dpsgd import DPSGD, calibrate_sample_level, sample_level_epsilon
+from mmshield.privacy.noise import NoiseSource
 from mmshield.runtime.asynchronous import simulate_buffered
 from mmshield.runtime.simulation import RoundRecord, SimulationResult, simulate
 from mmshield.runtime.systems import Distribution, SystemsProfile
@@ -200,11 +202,60 @@ def build_job(config: RunConfig) -> Job:
     )
 
 
+@dataclass
+class PrivacyPlan:
+    """The differential privacy a run will give, decided before it starts."""
+
+    mechanism: DPSGD | None
+    epsilon: float | None
+    delta: float | None
+    statement: str | None
+
+
+def plan_privacy(job: Job) -> PrivacyPlan:
+    """Calibrate (or account for) the run's DP-SGD before training.
+
+    Raises
+    ------
+    PrivacyError
+        The target ε cannot be reached (the message names the smallest reachable ε).
+    """
+    cfg = job.config.privacy
+    dp = cfg.sample_level
+    if dp is None:
+        return PrivacyPlan(None, None, None, None)
+    sizes = np.array([len(ix) for ix in job.data.client_indices])
+    t = job.training
+    if dp.epsilon is not None:
+        sigma = calibrate_sample_level(
+            sizes, t.batch_size, t.local_epochs, job.rounds, dp.epsilon, dp.delta, cfg.accountant
+        )
+    else:
+        assert dp.noise_multiplier is not None
+        sigma = dp.noise_multiplier
+    eps = sample_level_epsilon(
+        sizes, t.batch_size, t.local_epochs, job.rounds, sigma, dp.delta, cfg.accountant
+    )
+    source = NoiseSource(cfg.secure_noise, job.seed, "dpsgd")
+    statement = (
+        f"sample-level DP-SGD: every record's influence is clipped to norm {dp.max_grad_norm:g} "
+        f"and Gaussian noise (multiplier {sigma:.3f}) is added at every local step; "
+        f"(ε = {eps:.3g}, δ = {dp.delta:g}) per record under {cfg.accountant.upper()} accounting "
+        "of Poisson-sampled batches, counting every round for every client"
+    )
+    return PrivacyPlan(DPSGD(dp.max_grad_norm, sigma, source), eps, dp.delta, statement)
+
+
 def simulate_job(
-    job: Job, *, progress: bool = False, on_round: Callable[[RoundRecord], None] | None = None
+    job: Job,
+    *,
+    progress: bool = False,
+    on_round: Callable[[RoundRecord], None] | None = None,
+    privacy: PrivacyPlan | None = None,
 ) -> SimulationResult:
     """Train ``job`` in the simulator its config selects (synchronous, or FedBuff's)."""
     config = job.config
+    privacy = privacy or plan_privacy(job)
     srv = config.server
     server = make_server_optimizer(
         srv.strategy,
@@ -227,6 +278,8 @@ def simulate_job(
         "on_round": on_round,
     }
     if srv.strategy == "fedbuff":
+        if privacy.mechanism is not None:
+            raise ConfigError("privacy.sample_level is not supported with server.strategy fedbuff")
         return simulate_buffered(
             job.model,
             job.data,
@@ -242,6 +295,7 @@ def simulate_job(
         rounds=job.rounds,
         clients_per_round=job.clients_per_round,
         scaffold=srv.strategy == "scaffold",
+        private=privacy.mechanism,
         **common,
     )
 
@@ -335,7 +389,8 @@ def run(
                 metrics |= {"test_accuracy": record.test_accuracy, "test_loss": record.test_loss}
             store.log_round(info.run_id, record.round, metrics)
 
-        result = simulate_job(job, progress=progress, on_round=log)
+        privacy = plan_privacy(job)  # refuses an unreachable ε before any training
+        result = simulate_job(job, progress=progress, on_round=log, privacy=privacy)
         test_loss, accuracy = evaluate(result.model, job.data.test)
         by_modalities = accuracy_by_modalities(result.model, job.data.test)
         model_path = info.run_dir / "model.safetensors"
@@ -355,8 +410,8 @@ def run(
             "accuracy": accuracy,
             "test_loss": test_loss,
             "accuracy_by_modalities": by_modalities,
-            "epsilon": None,
-            "delta": None,
+            "epsilon": privacy.epsilon,
+            "delta": privacy.delta,
             "wall_seconds": time.perf_counter() - start,
             "training_seconds": result.wall_seconds,
             "simulated_seconds": result.simulated_seconds,
@@ -367,7 +422,10 @@ def run(
             "bytes_down": result.bytes_down,
             "cohort_size": result.cohort_size,
             "seed": config.seed,
-            "protections": ["federated learning: raw records never left their client"],
+            "protections": [
+                "federated learning: raw records never left their client",
+                *([privacy.statement] if privacy.statement else []),
+            ],
             "notes": job.notes,
             "mmshield_version": __version__,
         }

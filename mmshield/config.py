@@ -165,6 +165,34 @@ class SystemsConfig(_Strict):
         return self
 
 
+class SampleLevelDPConfig(_Strict):
+    """DP-SGD in every client's local training (record-level guarantee)."""
+
+    epsilon: float | None = Field(default=None, gt=0, description="target ε (calibrates noise)")
+    noise_multiplier: float | None = Field(default=None, gt=0, description="or a fixed σ")
+    delta: float = Field(default=1e-5, gt=0, lt=1)
+    max_grad_norm: float = Field(default=1.0, gt=0, description="per-record clipping norm")
+
+    @model_validator(mode="after")
+    def _one_of(self) -> SampleLevelDPConfig:
+        if (self.epsilon is None) == (self.noise_multiplier is None):
+            raise ValueError(
+                "give exactly one of privacy.sample_level.epsilon (the noise is calibrated) "
+                "and privacy.sample_level.noise_multiplier (the ε is computed)"
+            )
+        return self
+
+
+class PrivacyConfig(_Strict):
+    """Differential privacy of the run."""
+
+    sample_level: SampleLevelDPConfig | None = None
+    accountant: Literal["pld", "rdp"] = "pld"
+    secure_noise: bool = Field(
+        default=True, description="noise and sampling from os.urandom-keyed ChaCha20 (else: seed)"
+    )
+
+
 class SimulationConfig(_Strict):
     """Where and how the simulator runs."""
 
@@ -187,6 +215,17 @@ class RunConfig(_Strict):
     systems: SystemsConfig | None = Field(
         default=None, description="client speeds, availability, dropouts (None: ideal clients)"
     )
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+
+    @model_validator(mode="after")
+    def _sound_combinations(self) -> RunConfig:
+        if self.privacy.sample_level is not None and self.server.strategy == "fedbuff":
+            raise ValueError(
+                "privacy.sample_level with server.strategy 'fedbuff' is refused: an asynchronous "
+                "client may train more often than once per server step, which the record-level "
+                "accounting (one local training per round) does not cover"
+            )
+        return self
 
 
 def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:

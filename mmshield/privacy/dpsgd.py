@@ -20,7 +20,14 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad_and_value, vmap
 
+from mmshield.errors import PrivacyError
 from mmshield.models.model import MultimodalModel
+from mmshield.privacy.accountant import (
+    Method,
+    SampledGaussian,
+    calibrate_noise_multiplier,
+    epsilon,
+)
 from mmshield.privacy.noise import NoiseSource
 
 
@@ -161,3 +168,76 @@ class DPSGD:
             k: self.source.normal(v.shape, std, device=v.device, dtype=v.dtype)
             for k, v in like.items()
         }
+
+
+def record_mechanisms(
+    sizes: np.ndarray, batch_size: int, local_epochs: int, rounds: int, noise_multiplier: float
+) -> dict[tuple[float, int], SampledGaussian]:
+    """What DP-SGD releases about one record of each client, by (sampling rate, steps).
+
+    No credit is taken for client sampling: a record is accounted as if its client trained in
+    every round (sound for any client sampler; uniform fixed-size client sampling has no
+    record-level amplification result to lean on here).
+    """
+    out: dict[tuple[float, int], SampledGaussian] = {}
+    for n in np.unique(np.asarray(sizes, dtype=np.int64)):
+        if n <= 0:
+            continue
+        q = min(1.0, batch_size / int(n))
+        steps = rounds * local_epochs * -(-int(n) // batch_size)
+        out[(q, steps)] = SampledGaussian(noise_multiplier, steps, "poisson", q)
+    return out
+
+
+def sample_level_epsilon(
+    sizes: np.ndarray,
+    batch_size: int,
+    local_epochs: int,
+    rounds: int,
+    noise_multiplier: float,
+    delta: float,
+    method: Method = "pld",
+    candidates: int = 3,
+) -> float:
+    """Record-level ε of a run: the worst over clients (their sampling rates and steps differ).
+
+    RDP ranks the clients (fast); the ``candidates`` worst are then accounted with ``method``.
+    """
+    mechs = record_mechanisms(sizes, batch_size, local_epochs, rounds, noise_multiplier)
+    if not mechs:
+        return 0.0
+    ranked = sorted(
+        mechs.values(), key=lambda m: epsilon([m], delta, "rdp", coarse=True), reverse=True
+    )
+    return max(epsilon([m], delta, method) for m in ranked[:candidates])
+
+
+def calibrate_sample_level(
+    sizes: np.ndarray,
+    batch_size: int,
+    local_epochs: int,
+    rounds: int,
+    target_epsilon: float,
+    delta: float,
+    method: Method = "pld",
+) -> float:
+    """Noise multiplier giving every client's records at most ``target_epsilon``.
+
+    Raises
+    ------
+    PrivacyError
+        When ``target_epsilon`` is unreachable (the message names the smallest reachable ε).
+    """
+    mechs = record_mechanisms(sizes, batch_size, local_epochs, rounds, 1.0)
+    if not mechs:
+        raise PrivacyError("no client holds any record: nothing to train with DP-SGD")
+    # The client whose records are least protected at σ = 1 (RDP: fast) sets the noise; the
+    # check below catches the rare case where another client overtakes it at the final σ.
+    worst = max(mechs.values(), key=lambda m: epsilon([m], delta, "rdp", coarse=True))
+    sigma = calibrate_noise_multiplier(target_epsilon, delta, worst, method)
+    # Other clients need at most what the worst needs under RDP; check the final figure.
+    while sample_level_epsilon(sizes, batch_size, local_epochs, rounds, sigma, delta, method) > (
+        target_epsilon * (1 + 1e-6)
+    ):
+        sigma *= 1.01
+    return sigma
