@@ -38,6 +38,8 @@ from mmshield.fl.client import LocalTraining
 from mmshield.fl.evaluate import accuracy_by_modalities, evaluate
 from mmshield.fl.strategy import make_server_optimizer
 from mmshield.models.model import MultimodalModel, build_model
+from mmshield.privacy.accountant import SampledGaussian, calibrate_noise_multiplier, epsilon
+from mmshield.privacy.client_dp import AdaptiveClipping, ClientLevelDP
 from mmshield.privacy.dpsgd import DPSGD, calibrate_sample_level, sample_level_epsilon
 from mmshield.privacy.noise import NoiseSource
 from mmshield.runtime.asynchronous import simulate_buffered
@@ -210,6 +212,7 @@ class PrivacyPlan:
     epsilon: float | None
     delta: float | None
     statement: str | None
+    client_dp: ClientLevelDP | None = None
 
 
 def plan_privacy(job: Job) -> PrivacyPlan:
@@ -221,6 +224,8 @@ def plan_privacy(job: Job) -> PrivacyPlan:
         The target ε cannot be reached (the message names the smallest reachable ε).
     """
     cfg = job.config.privacy
+    if cfg.client_level is not None:
+        return _plan_client_level(job)
     dp = cfg.sample_level
     if dp is None:
         return PrivacyPlan(None, None, None, None)
@@ -244,6 +249,51 @@ def plan_privacy(job: Job) -> PrivacyPlan:
         "of Poisson-sampled batches, counting every round for every client"
     )
     return PrivacyPlan(DPSGD(dp.max_grad_norm, sigma, source), eps, dp.delta, statement)
+
+
+def _plan_client_level(job: Job) -> PrivacyPlan:
+    cfg = job.config.privacy
+    dp = cfg.client_level
+    assert dp is not None
+    n = job.data.num_clients
+    rate = job.clients_per_round / n
+    template = SampledGaussian(1.0, job.rounds, "poisson", rate)
+    if dp.epsilon is not None:
+        z = calibrate_noise_multiplier(dp.epsilon, dp.delta, template, cfg.accountant)
+    else:
+        assert dp.noise_multiplier is not None
+        z = dp.noise_multiplier
+    eps = epsilon([SampledGaussian(z, job.rounds, "poisson", rate)], dp.delta, cfg.accountant)
+    adaptive = (
+        AdaptiveClipping(
+            dp.adaptive.target_quantile, dp.adaptive.learning_rate, dp.adaptive.count_noise
+        )
+        if dp.adaptive is not None
+        else None
+    )
+    try:
+        mech = ClientLevelDP(
+            dp.clip_norm,
+            z,
+            job.clients_per_round,
+            NoiseSource(cfg.secure_noise, job.seed, "client-dp"),
+            adaptive,
+        )
+    except ValueError as exc:
+        raise ConfigError(f"privacy.client_level: {exc}") from None
+    clipping = (
+        f"an adaptive clip norm (starting at {dp.clip_norm:g}, tracking the "
+        f"{dp.adaptive.target_quantile:g} quantile of update norms)"
+        if dp.adaptive is not None
+        else f"clip norm {dp.clip_norm:g}"
+    )
+    statement = (
+        f"client-level DP-FedAvg: clients joined each round by Poisson sampling (rate {rate:.3g}); "
+        f"each client's whole update was clipped ({clipping}) and the server added Gaussian "
+        f"noise (multiplier {z:.3f}) to the sum; (ε = {eps:.3g}, δ = {dp.delta:g}) per client "
+        f"over {job.rounds} rounds under {cfg.accountant.upper()} accounting"
+    )
+    return PrivacyPlan(None, eps, dp.delta, statement, mech)
 
 
 def simulate_job(
@@ -296,6 +346,7 @@ def simulate_job(
         clients_per_round=job.clients_per_round,
         scaffold=srv.strategy == "scaffold",
         private=privacy.mechanism,
+        client_dp=privacy.client_dp,
         **common,
     )
 

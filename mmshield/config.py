@@ -183,10 +183,38 @@ class SampleLevelDPConfig(_Strict):
         return self
 
 
+class AdaptiveClippingConfig(_Strict):
+    """Quantile-tracking clip norm (Andrew et al. 2021)."""
+
+    target_quantile: float = Field(default=0.5, gt=0, lt=1)
+    learning_rate: float = Field(default=0.2, gt=0)
+    count_noise: float | None = Field(default=None, gt=0, description="default: clients / 20")
+
+
+class ClientLevelDPConfig(_Strict):
+    """DP-FedAvg: a guarantee for each whole client (Poisson client sampling, central noise)."""
+
+    epsilon: float | None = Field(default=None, gt=0, description="target ε (calibrates noise)")
+    noise_multiplier: float | None = Field(default=None, gt=0, description="or a fixed z")
+    delta: float = Field(default=1e-3, gt=0, lt=1, description="below 1 / number of clients")
+    clip_norm: float = Field(default=1.0, gt=0, description="initial or fixed update clip norm")
+    adaptive: AdaptiveClippingConfig | None = None
+
+    @model_validator(mode="after")
+    def _one_of(self) -> ClientLevelDPConfig:
+        if (self.epsilon is None) == (self.noise_multiplier is None):
+            raise ValueError(
+                "give exactly one of privacy.client_level.epsilon and "
+                "privacy.client_level.noise_multiplier"
+            )
+        return self
+
+
 class PrivacyConfig(_Strict):
     """Differential privacy of the run."""
 
     sample_level: SampleLevelDPConfig | None = None
+    client_level: ClientLevelDPConfig | None = None
     accountant: Literal["pld", "rdp"] = "pld"
     secure_noise: bool = Field(
         default=True, description="noise and sampling from os.urandom-keyed ChaCha20 (else: seed)"
@@ -219,6 +247,18 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _sound_combinations(self) -> RunConfig:
+        if self.privacy.client_level is not None:
+            if self.privacy.sample_level is not None:
+                raise ValueError(
+                    "privacy.sample_level and privacy.client_level together are not supported yet; "
+                    "choose the unit of privacy (a record or a whole client)"
+                )
+            if self.server.strategy in ("scaffold", "fedbuff"):
+                raise ValueError(
+                    f"privacy.client_level with server.strategy {self.server.strategy!r} is "
+                    "refused: SCAFFOLD's control variates and FedBuff's asynchronous updates "
+                    "are released outside the clipped, noised mean"
+                )
         if self.privacy.sample_level is not None and self.server.strategy == "fedbuff":
             raise ValueError(
                 "privacy.sample_level with server.strategy 'fedbuff' is refused: an asynchronous "

@@ -30,6 +30,7 @@ from mmshield.fl.fedavg import FedAvg
 from mmshield.fl.scaffold import Scaffold
 from mmshield.fl.strategy import ServerOptimizer
 from mmshield.models.model import MultimodalModel
+from mmshield.privacy.client_dp import ClientLevelDP, poisson_clients
 from mmshield.privacy.dpsgd import DPSGD, poisson_schedules
 from mmshield.runtime.systems import ClientSystems, SystemsProfile, steps_per_epoch
 
@@ -159,6 +160,7 @@ def simulate(
     systems: SystemsProfile | None = None,
     quality: ClientQuality | None = None,
     private: DPSGD | None = None,
+    client_dp: ClientLevelDP | None = None,
     device: str = "cpu",
     cohort_size: int | None = None,
     eval_every: int = 1,
@@ -193,6 +195,11 @@ def simulate(
         Per-client (and per-modality) quality scores multiplying the aggregation weights.
     private
         Sample-level DP-SGD in every client's local training (:mod:`mmshield.privacy.dpsgd`).
+    client_dp
+        Client-level DP-FedAvg (:mod:`mmshield.privacy.client_dp`): clients join by Poisson
+        sampling at rate ``client_dp.expected_clients / num_clients`` (``clients_per_round`` is
+        then only that expectation), updates are clipped and averaged uniformly with central
+        noise.
     device
         ``"cpu"``, ``"cuda"`` or ``"auto"``.
     cohort_size
@@ -242,7 +249,13 @@ def simulate(
         for rnd in range(1, rounds + 1):
             t0 = time.perf_counter()
             online = population.online(rnd) if population is not None else None
-            sampled = sample_clients(data.num_clients, clients_per_round, seed, rnd, online)
+            if client_dp is not None:
+                rate = client_dp.expected_clients / data.num_clients
+                sampled = poisson_clients(data.num_clients, rate, client_dp.source)
+                if online is not None:
+                    sampled = sampled[online[sampled]]
+            else:
+                sampled = sample_clients(data.num_clients, clients_per_round, seed, rnd, online)
             plan = (
                 population.plan(rnd, sampled, per_epoch[sampled], training.local_epochs)
                 if population is not None
@@ -272,12 +285,17 @@ def simulate(
                         training.lr,
                         update.modality_examples,
                     )
-                acc.add(update.deltas, update.examples, update.modality_examples)
+                if client_dp is not None:
+                    client_dp.add(update.deltas)
+                else:
+                    acc.add(update.deltas, update.examples, update.modality_examples)
                 losses.append(update.loss)
-            if len(chosen):
+            # Under client-level DP every round releases a noisy mean, even an empty one.
+            if len(chosen) or client_dp is not None:
                 if controls is not None:
                     controls.finish_round(len(chosen))
-                new_params = server.step(global_params, acc.mean(), rnd)
+                mean = acc.mean() if client_dp is None else client_dp.noisy_mean(global_params)
+                new_params = server.step(global_params, mean, rnd)
                 _check_finite(new_params, f"round {rnd}")
                 with torch.no_grad():
                     for name, p in global_model.named_parameters():
