@@ -10,6 +10,7 @@ Examples
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import traceback
@@ -40,7 +41,13 @@ from mmshield.fl.strategy import make_server_optimizer
 from mmshield.models.model import MultimodalModel, build_model
 from mmshield.privacy.accountant import SampledGaussian, calibrate_noise_multiplier, epsilon
 from mmshield.privacy.client_dp import AdaptiveClipping, ClientLevelDP
-from mmshield.privacy.dpsgd import DPSGD, calibrate_sample_level, sample_level_epsilon
+from mmshield.privacy.dpsgd import (
+    DPSGD,
+    calibrate_sample_level,
+    record_mechanisms,
+    sample_level_epsilon,
+)
+from mmshield.privacy.ledger import PrivacyLedger
 from mmshield.privacy.noise import NoiseSource
 from mmshield.runtime.asynchronous import simulate_buffered
 from mmshield.runtime.simulation import RoundRecord, SimulationResult, simulate
@@ -213,6 +220,28 @@ class PrivacyPlan:
     delta: float | None
     statement: str | None
     client_dp: ClientLevelDP | None = None
+    per_round: SampledGaussian | None = None
+    """The worst-off unit's mechanism for one round (for the ledger's per-round charges)."""
+
+    def epsilon_after(self, rounds: int, total_rounds: int) -> float:
+        """Cumulative ε after ``rounds`` rounds: a fast RDP upper bound, the plan at the end."""
+        if self.epsilon is None or self.delta is None or self.per_round is None:
+            return 0.0
+        if rounds >= total_rounds:
+            return self.epsilon
+        m = self.per_round
+        partial = SampledGaussian(m.noise_multiplier, m.steps * rounds, m.sampling, m.sampling_rate)
+        return min(self.epsilon, epsilon([partial], self.delta, "rdp", coarse=True))
+
+    def mechanism_record(self) -> dict[str, object]:
+        """What the ledger stores about the mechanism."""
+        m = self.per_round
+        return {
+            "statement": self.statement,
+            "noise_multiplier": None if m is None else m.noise_multiplier,
+            "sampling_rate": None if m is None else m.sampling_rate,
+            "steps_per_round": None if m is None else m.steps,
+        }
 
 
 def plan_privacy(job: Job) -> PrivacyPlan:
@@ -242,13 +271,19 @@ def plan_privacy(job: Job) -> PrivacyPlan:
         sizes, t.batch_size, t.local_epochs, job.rounds, sigma, dp.delta, cfg.accountant
     )
     source = NoiseSource(cfg.secure_noise, job.seed, "dpsgd")
+    per_round = max(
+        record_mechanisms(sizes, t.batch_size, t.local_epochs, 1, sigma).values(),
+        key=lambda m: epsilon([m], dp.delta, "rdp", coarse=True),
+    )
     statement = (
         f"sample-level DP-SGD: every record's influence is clipped to norm {dp.max_grad_norm:g} "
         f"and Gaussian noise (multiplier {sigma:.3f}) is added at every local step; "
         f"(ε = {eps:.3g}, δ = {dp.delta:g}) per record under {cfg.accountant.upper()} accounting "
         "of Poisson-sampled batches, counting every round for every client"
     )
-    return PrivacyPlan(DPSGD(dp.max_grad_norm, sigma, source), eps, dp.delta, statement)
+    return PrivacyPlan(
+        DPSGD(dp.max_grad_norm, sigma, source), eps, dp.delta, statement, None, per_round
+    )
 
 
 def _plan_client_level(job: Job) -> PrivacyPlan:
@@ -293,7 +328,23 @@ def _plan_client_level(job: Job) -> PrivacyPlan:
         f"noise (multiplier {z:.3f}) to the sum; (ε = {eps:.3g}, δ = {dp.delta:g}) per client "
         f"over {job.rounds} rounds under {cfg.accountant.upper()} accounting"
     )
-    return PrivacyPlan(None, eps, dp.delta, statement, mech)
+    return PrivacyPlan(None, eps, dp.delta, statement, mech, SampledGaussian(z, 1, "poisson", rate))
+
+
+def ledger_dataset(config: RunConfig) -> str:
+    """The ledger's name for a run's data set (a manifest is named by its file)."""
+    ds = config.dataset
+    return f"manifest:{ds.path}" if ds.name == "manifest" else ds.name
+
+
+def _close_ledger_run(config: RunConfig, run_id: str) -> None:
+    # A failed run keeps what its completed rounds were charged; only its reservation goes.
+    if config.privacy.sample_level is None and config.privacy.client_level is None:
+        return
+    # If even that fails, the run stays "running" and the next admission after this process
+    # exits marks it interrupted; the original error is the one to report.
+    with contextlib.suppress(MMShieldError):
+        PrivacyLedger(config.privacy.ledger).close_run(run_id, "failed")
 
 
 def simulate_job(
@@ -438,9 +489,24 @@ def run(
                 }
             if record.test_accuracy is not None and record.test_loss is not None:
                 metrics |= {"test_accuracy": record.test_accuracy, "test_loss": record.test_loss}
+            if ledger is not None and privacy.delta is not None:
+                spent = privacy.epsilon_after(record.round, job.rounds)
+                ledger.charge(info.run_id, record.round, spent, privacy.delta)
+                metrics["epsilon"] = spent
             store.log_round(info.run_id, record.round, metrics)
 
         privacy = plan_privacy(job)  # refuses an unreachable ε before any training
+        ledger = None
+        if privacy.epsilon is not None and privacy.delta is not None:
+            ledger = PrivacyLedger(config.privacy.ledger)
+            ledger.admit(
+                info.run_id,
+                ledger_dataset(config),
+                job.data.train.modalities,
+                privacy.epsilon,
+                privacy.delta,
+                privacy.mechanism_record(),
+            )
         result = simulate_job(job, progress=progress, on_round=log, privacy=privacy)
         test_loss, accuracy = evaluate(result.model, job.data.test)
         by_modalities = accuracy_by_modalities(result.model, job.data.test)
@@ -481,12 +547,16 @@ def run(
             "mmshield_version": __version__,
         }
         store.finish_run(info.run_id, summary)
+        if ledger is not None:
+            ledger.close_run(info.run_id, "finished")
         report_path = render_report(store, info.run_id)
         store.add_artefact(info.run_id, "report", report_path)
         return RunOutcome(info.run_id, info.run_dir, summary, report_path)
     except MMShieldError as exc:
+        _close_ledger_run(config, info.run_id)
         store.fail_run(info.run_id, str(exc))
         raise
     except Exception as exc:  # an unexpected bug: record it, then let it surface
+        _close_ledger_run(config, info.run_id)
         store.fail_run(info.run_id, "".join(traceback.format_exception(exc)))
         raise

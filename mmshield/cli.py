@@ -97,6 +97,63 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_budget(args: argparse.Namespace) -> int:
+    """Show (or set) privacy budgets, spend and history."""
+    from mmshield.privacy.ledger import PrivacyLedger
+
+    ledger = PrivacyLedger(args.ledger)
+    if args.action == "set":
+        if args.dataset is None or args.epsilon is None or args.delta is None:
+            console.print("usage: mmshield budget set DATASET --epsilon E --delta D [--modality M]")
+            return 2
+        ledger.set_budget(args.dataset, args.epsilon, args.delta, args.modality)
+        console.print(
+            f"budget of {args.dataset} ({args.modality}): ε = {args.epsilon:g}, δ = {args.delta:g}"
+        )
+        return 0
+    datasets = [args.dataset] if args.dataset else ledger.datasets()
+    console.print(f"privacy ledger: {ledger.path}")
+    if not datasets:
+        console.print("no budgets and no DP runs yet")
+        return 0
+    table = Table(title="budgets and spend (ε; δ)")
+    for col in ("dataset", "modality", "budget", "spent", "reserved", "remaining"):
+        table.add_column(col)
+    for ds in datasets:
+        for sp in ledger.spend(ds):
+            budget = (
+                "none"
+                if sp.budget_epsilon is None
+                else f"{sp.budget_epsilon:g}; {sp.budget_delta:g}"
+            )
+            left = sp.remaining_epsilon
+            table.add_row(
+                ds,
+                sp.modality,
+                budget,
+                f"{sp.spent_epsilon:.4g}; {sp.spent_delta:.3g}",
+                f"{sp.reserved_epsilon:.4g}",
+                "unlimited" if left is None else f"{left:.4g}",
+            )
+    console.print(table)
+    history = Table(title="history (newest first)")
+    for col in ("run", "dataset", "modalities", "status", "planned ε", "spent ε", "rounds"):
+        history.add_column(col)
+    for ds in datasets:
+        for h in ledger.history(ds):
+            history.add_row(
+                str(h["run_id"]),
+                str(h["dataset"]),
+                "+".join(h["modalities"]),  # type: ignore[arg-type]
+                str(h["status"]),
+                f"{h['planned_epsilon']:.4g}",
+                f"{h['spent_epsilon']:.4g}",
+                str(h["rounds_charged"]),
+            )
+    console.print(history)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``mmshield`` command."""
     parser = argparse.ArgumentParser(
@@ -121,6 +178,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", default=DEFAULT_STORE)
     p.add_argument("--out", default=None, help="output file (default: RUN_DIR/report.html)")
     p.set_defaults(func=cmd_report)
+    p = sub.add_parser("budget", help="show or set privacy budgets (the privacy ledger)")
+    p.add_argument("action", nargs="?", choices=["show", "set"], default="show")
+    p.add_argument("dataset", nargs="?", default=None)
+    p.add_argument("--epsilon", type=float, default=None)
+    p.add_argument("--delta", type=float, default=None)
+    p.add_argument("--modality", default="*", help="one modality (default *: every modality)")
+    p.add_argument("--ledger", default=None, help="ledger file (default: $MMSHIELD_LEDGER)")
+    p.set_defaults(func=cmd_budget)
     return parser
 
 

@@ -219,6 +219,9 @@ class PrivacyConfig(_Strict):
     secure_noise: bool = Field(
         default=True, description="noise and sampling from os.urandom-keyed ChaCha20 (else: seed)"
     )
+    ledger: Path | None = Field(
+        default=None, description="privacy ledger (default: $MMSHIELD_LEDGER or the data dir)"
+    )
 
 
 class SimulationConfig(_Strict):

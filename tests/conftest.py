@@ -36,3 +36,9 @@ def make_toy(n: int = 120, seed: int = 0, classes: int = 4) -> MultimodalDataset
 @pytest.fixture
 def toy() -> MultimodalDataset:
     return make_toy()
+
+
+@pytest.fixture(autouse=True)
+def _private_ledger(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
+    """Every test gets its own privacy ledger, never the user's."""
+    monkeypatch.setenv("MMSHIELD_LEDGER", str(tmp_path_factory.mktemp("ledger") / "ledger.db"))
