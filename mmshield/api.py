@@ -83,7 +83,7 @@ class RunOutcome:
     report_path: Path
 
 
-def _load_data(
+def load_data(
     config: RunConfig,
 ) -> tuple[MultimodalDataset, MultimodalDataset, list[np.ndarray] | None, list[str]]:
     """Return train, test, a natural partition if the data set has one, and notes."""
@@ -148,7 +148,7 @@ def build_job(config: RunConfig) -> Job:
     -------
     Job
     """
-    train, test, natural, notes = _load_data(config)
+    train, test, natural, notes = load_data(config)
     p = config.partition
     labels = train.labels.numpy()
     if p.scheme == "natural":
@@ -329,6 +329,32 @@ def _plan_client_level(job: Job) -> PrivacyPlan:
         f"over {job.rounds} rounds under {cfg.accountant.upper()} accounting"
     )
     return PrivacyPlan(None, eps, dp.delta, statement, mech, SampledGaussian(z, 1, "poisson", rate))
+
+
+def load_run_model(run_dir: str | Path) -> tuple[MultimodalModel, RunConfig]:
+    """Rebuild a finished run's model from its directory (``config.yaml``, ``model.safetensors``).
+
+    Reads local files only.
+    """
+    from safetensors.torch import load_file
+
+    run_dir = Path(run_dir)
+    weights = run_dir / "model.safetensors"
+    if not weights.exists():
+        raise ConfigError(f"{run_dir}: no model.safetensors; is this a finished run's directory?")
+    config = load_config(run_dir / "config.yaml")
+    train, _, _, _ = load_data(config)
+    m = config.model
+    model = build_model(
+        train.specs,
+        train.num_classes,
+        embed_dim=m.embed_dim,
+        fusion=m.fusion,
+        fusion_hidden=m.fusion_hidden,
+        seed=config.seed,
+    )
+    model.load_state_dict(load_file(str(weights)))
+    return model, config
 
 
 def ledger_dataset(config: RunConfig) -> str:

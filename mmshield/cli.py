@@ -154,6 +154,51 @@ def cmd_budget(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_embed(args: argparse.Namespace) -> int:
+    """Private embeddings of a device's records with a local model, charged to the device."""
+    import uuid
+
+    import numpy as np
+
+    from mmshield.api import load_data, load_run_model
+    from mmshield.privacy.embed import embed_records, gaussian_sigma, privatise
+    from mmshield.privacy.ledger import PrivacyLedger
+    from mmshield.privacy.noise import NoiseSource
+
+    model, config = load_run_model(args.run_dir)
+    train, test, _, _ = load_data(config)
+    data = test if args.split == "test" else train
+    if args.limit is not None:
+        data = data.subset(np.arange(min(args.limit, len(data))))
+    sigma = gaussian_sigma(args.epsilon, args.delta, args.clip)
+    ledger = PrivacyLedger(args.ledger)
+    dataset = f"device:{args.device}"
+    release = f"embed-{uuid.uuid4().hex[:12]}"
+    # Each record is released once, and records are disjoint: one (ε, δ) charge per call.
+    ledger.admit(
+        release,
+        dataset,
+        model.modalities,
+        args.epsilon,
+        args.delta,
+        {"mechanism": "analytic Gaussian", "clip_norm": args.clip, "sigma": sigma},
+    )
+    try:
+        noisy = privatise(
+            embed_records(model, data), args.epsilon, args.delta, args.clip, NoiseSource(True)
+        )
+        np.save(args.out, noisy)
+        ledger.charge(release, 1, args.epsilon, args.delta)
+    finally:
+        ledger.close_run(release)
+    console.print(
+        f"{len(noisy)} private embeddings (dimension {noisy.shape[1]}) written to {args.out}; "
+        f"clip norm {args.clip:g}, noise σ = {sigma:.4g}, (ε = {args.epsilon:g}, "
+        f"δ = {args.delta:g}) charged to {dataset}"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``mmshield`` command."""
     parser = argparse.ArgumentParser(
@@ -186,6 +231,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modality", default="*", help="one modality (default *: every modality)")
     p.add_argument("--ledger", default=None, help="ledger file (default: $MMSHIELD_LEDGER)")
     p.set_defaults(func=cmd_budget)
+    p = sub.add_parser("embed", help="private embeddings with a local model (no network)")
+    p.add_argument("run_dir", help="a finished run's directory (its model.safetensors)")
+    p.add_argument("--epsilon", type=float, required=True)
+    p.add_argument("--delta", type=float, default=1e-5)
+    p.add_argument("--clip", type=float, default=1.0, help="embedding clip norm C")
+    p.add_argument("--device", required=True, help="device id charged in the ledger")
+    p.add_argument("--split", choices=["train", "test"], default="test")
+    p.add_argument("--limit", type=int, default=None, help="first N records only")
+    p.add_argument("--out", required=True, help="output .npy file")
+    p.add_argument("--ledger", default=None)
+    p.set_defaults(func=cmd_embed)
     return parser
 
 

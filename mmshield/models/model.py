@@ -61,6 +61,12 @@ class MultimodalModel(nn.Module):
         present
             ``modality -> (B,)`` bool masks.
         """
+        return self.head(self.embed(inputs, present))
+
+    def embed(
+        self, inputs: Mapping[str, torch.Tensor], present: Mapping[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """Return the fused embedding ``(B, D)`` that the head classifies."""
         embeddings = []
         masks = []
         for name, encoder in self.encoders.items():
@@ -72,7 +78,8 @@ class MultimodalModel(nn.Module):
             masks.append(p)
         emb = torch.stack(embeddings, dim=1)
         mask = torch.stack(masks, dim=1)
-        return self.head(self.fusion(emb, mask))
+        fused: torch.Tensor = self.fusion(emb, mask)
+        return fused
 
 
 def modality_of_parameter(name: str) -> str | None:
