@@ -115,13 +115,15 @@ def auto_cohort_size(
     batch_size: int,
     budget_bytes: int = 2 << 30,
     device: torch.device | str = "cpu",
+    per_sample_gradients: bool = False,
 ) -> int:
     """Largest cohort whose stacked training state and activations fit in ``budget_bytes``.
 
     The estimate counts parameters, gradients, momentum and a working copy per client, plus the
     outputs of every leaf module for one batch, three times over (forward, backward, temporaries).
     On a CPU the cohort is also capped so that one stacked copy of the parameters is at most
-    :data:`CPU_STACK_BYTES` (but never below :data:`CPU_MIN_COHORT` clients).
+    :data:`CPU_STACK_BYTES` (but never below :data:`CPU_MIN_COHORT` clients). With
+    ``per_sample_gradients`` (DP-SGD) each client also holds one gradient per batch record.
     """
     n_params = sum(p.numel() for p in model.parameters())
     activations = 0
@@ -141,6 +143,8 @@ def auto_cohort_size(
         for h in handles:
             h.remove()
     per_client = 4 * (4 * n_params + 3 * activations * batch_size)
+    if per_sample_gradients:  # DP-SGD holds one gradient per record of the batch
+        per_client += 4 * n_params * batch_size
     size = max(1, int(budget_bytes // max(per_client, 1)))
     if torch.device(device).type == "cpu":
         size = min(size, max(CPU_MIN_COHORT, CPU_STACK_BYTES // (4 * max(n_params, 1))))
@@ -225,7 +229,11 @@ def simulate(
     sizes = trainer.sizes
     if cohort_size is None:
         cohort_size = auto_cohort_size(
-            global_model, trainer.train_set, training.batch_size, device=dev
+            global_model,
+            trainer.train_set,
+            training.batch_size,
+            device=dev,
+            per_sample_gradients=private is not None,
         )
     cohort_size = max(1, min(cohort_size, clients_per_round, data.num_clients))
     n_params = sum(p.numel() for p in global_model.parameters())
