@@ -37,7 +37,8 @@ def test_calibrated_run_meets_its_target_and_reports_it(tmp_path: Path) -> None:
     summary = json.loads((run.run_dir / "summary.json").read_text())
     assert 3.9 <= summary["epsilon"] <= 4.0 and summary["delta"] == 1e-5
     assert any("DP-SGD" in p for p in summary["protections"])
-    assert "ε" in (run.run_dir / "report.html").read_text()
+    html = (run.run_dir / "report.html").read_text()
+    assert "ε" in html and 'data-plot="epsilon"' in html
 
 
 def test_unreachable_epsilon_is_refused_before_training(tmp_path: Path) -> None:

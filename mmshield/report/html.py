@@ -284,6 +284,33 @@ def _plot_systems(metrics: Mapping[str, list[tuple[int, float]]]) -> _Plot | Non
         )
 
 
+def _plot_epsilon(
+    metrics: Mapping[str, list[tuple[int, float]]], summary: Mapping[str, Any]
+) -> _Plot | None:
+    """Cumulative ε after each round (the ledger's charges), with the run's final ε."""
+    from matplotlib.ticker import MaxNLocator
+
+    points = metrics.get("epsilon") or []
+    if not points:
+        return None
+    final = _number(summary.get("epsilon"))
+    with _rc():
+        fig = _figure(7.0, 3.2)
+        ax = fig.subplots()
+        marker = "o" if len(points) <= 40 else None
+        xs, ys = [r for r, _ in points], [v for _, v in points]
+        ax.plot(xs, ys, color=_PALETTE[0], linewidth=2, marker=marker, label="ε spent")
+        if final is not None:
+            ax.axhline(final, color="grey", linestyle="--", label=f"final ε = {final:.3g}")
+        ax.set_title("Privacy spent (cumulative ε after each round)")
+        ax.set_xlabel("round")
+        ax.set_ylabel("ε")
+        ax.set_ylim(bottom=0)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(loc="best")
+        return _to_plot(fig, "epsilon", "Cumulative ε after each round")
+
+
 def _modality_key(item: tuple[str, float]) -> tuple[int, float, str]:
     name, value = item
     return (-len([p for p in re.split(r"[+,&]", name) if p.strip()]), -value, name)
@@ -668,6 +695,7 @@ def render_report(store: RunStore, run_id: str, out: Path | None = None) -> Path
     by_mod = by_mod if isinstance(by_mod, Mapping) else {}
     plot_curves = _plot_accuracy_loss(metrics)
     plot_systems = _plot_systems(metrics)
+    plot_epsilon = _plot_epsilon(metrics, summary)
     plot_mods = _plot_accuracy_by_modalities(by_mod) if by_mod else None
     part, part_note = _load_partition(run.run_dir)
     part_path = run.run_dir / "partition.json"
@@ -724,8 +752,9 @@ def render_report(store: RunStore, run_id: str, out: Path | None = None) -> Path
     )
 
     progress = _figure_html(plot_curves, "No per-round accuracy or loss was logged for this run.")
-    if plot_systems is not None:
-        progress += _figure_html(plot_systems, "")
+    for extra in (plot_systems, plot_epsilon):
+        if extra is not None:
+            progress += _figure_html(extra, "")
     if metrics:
         progress += _rounds_table(metrics)
     sections.append(f"<section class='card'><h2>Training progress</h2>{progress}</section>")
