@@ -937,8 +937,18 @@ def simulator(threads: int, rounds: int, warmup: int, quick: bool) -> dict[str, 
 
     steps[NOISE_ROW] = noise_only
     steps[TORCH_NOISE_ROW] = torch_noise_only
-    quiet = None if quick else wait_for_quiet(60.0)
-    times, foreign = time_steps(steps, rounds, warmup)
+    best: tuple[dict[str, list[float]], float | None, float | None] | None = None
+    tried: list[float | None] = []
+    for _ in range(1 if quick else 3):
+        quiet = None if quick else wait_for_quiet(60.0)
+        times, foreign = time_steps(steps, rounds, warmup)
+        tried.append(None if foreign is None else round(foreign, 3))
+        if best is None or (foreign or 0.0) < (best[1] or 0.0):
+            best = (times, foreign, quiet)
+        if foreign is None or foreign <= DISTURBED:
+            break
+    assert best is not None
+    times, foreign, quiet = best
     per_step = {n: [t / SIM_STEPS for t in ts] for n, ts in times.items()}
     return {
         "clients": k,
@@ -949,6 +959,7 @@ def simulator(threads: int, rounds: int, warmup: int, quick: bool) -> dict[str, 
         "methods": summarise(per_step),
         "foreign_cores": foreign,
         "foreign_cores_before": quiet,
+        "foreign_cores_attempts": tried,
         "bookkeeping_vs_shipped_at_sigma_0": agree,
     }
 
@@ -1068,7 +1079,8 @@ def markdown(payload: dict[str, Any]) -> str:
         f"(worst {worst:.1e}).",
         "",
         "Cores kept busy by other processes during each timing block (2-core machine shared "
-        "with other work; 2-thread figures suffer most): " + "; ".join(noise) + ".",
+        "with other work; 2-thread figures suffer most): " + "; ".join(noise) + "; "
+        f"simulator: {payload['simulator']['foreign_cores'] or 0.0:.2f}.",
     ]
     sim = payload["simulator"]
     lines += [

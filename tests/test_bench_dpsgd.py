@@ -90,6 +90,7 @@ def test_dpsgd_benchmark_runs_and_writes_expected_json(tmp_path: Path) -> None:
         "proto_torch_noise_only",
     }
     assert sim["bookkeeping_vs_shipped_at_sigma_0"]["passed"] is True
+    assert len(sim["foreign_cores_attempts"]) == 1
 
     targets = payload["targets"]
     assert set(targets) == {f"{k}_mmshield_over_plain" for k in workloads}
