@@ -136,6 +136,19 @@ def load_data(
     return full.subset(np.sort(order[n_test:])), full.subset(np.sort(order[:n_test])), None, notes
 
 
+def model_for(config: RunConfig, train: MultimodalDataset) -> MultimodalModel:
+    """The architecture ``config.model`` describes for ``train``'s modalities, seeded."""
+    m = config.model
+    return build_model(
+        train.specs,
+        train.num_classes,
+        embed_dim=m.embed_dim,
+        fusion=m.fusion,
+        fusion_hidden=m.fusion_hidden,
+        seed=config.seed,
+    )
+
+
 def build_job(config: RunConfig) -> Job:
     """Build the data partition, model and training settings a config describes.
 
@@ -169,15 +182,7 @@ def build_job(config: RunConfig) -> Job:
     if rescued:
         notes.append(f"{rescued} client(s) would have held no modality and kept one")
     data = FederatedDataset(train=train, client_indices=parts, test=test)
-    m = config.model
-    model = build_model(
-        train.specs,
-        train.num_classes,
-        embed_dim=m.embed_dim,
-        fusion=m.fusion,
-        fusion_hidden=m.fusion_hidden,
-        seed=config.seed,
-    )
+    model = model_for(config, train)
     t = config.training
     training = LocalTraining(
         local_epochs=t.local_epochs,
@@ -261,15 +266,15 @@ def plan_privacy(job: Job) -> PrivacyPlan:
     sizes = np.array([len(ix) for ix in job.data.client_indices])
     t = job.training
     if dp.epsilon is not None:
-        sigma = calibrate_sample_level(
+        sigma, eps = calibrate_sample_level(
             sizes, t.batch_size, t.local_epochs, job.rounds, dp.epsilon, dp.delta, cfg.accountant
         )
     else:
         assert dp.noise_multiplier is not None
         sigma = dp.noise_multiplier
-    eps = sample_level_epsilon(
-        sizes, t.batch_size, t.local_epochs, job.rounds, sigma, dp.delta, cfg.accountant
-    )
+        eps = sample_level_epsilon(
+            sizes, t.batch_size, t.local_epochs, job.rounds, sigma, dp.delta, cfg.accountant
+        )
     source = NoiseSource(cfg.secure_noise, job.seed, "dpsgd")
     per_round = max(
         record_mechanisms(sizes, t.batch_size, t.local_epochs, 1, sigma).values(),
@@ -344,15 +349,7 @@ def load_run_model(run_dir: str | Path) -> tuple[MultimodalModel, RunConfig]:
         raise ConfigError(f"{run_dir}: no model.safetensors; is this a finished run's directory?")
     config = load_config(run_dir / "config.yaml")
     train, _, _, _ = load_data(config)
-    m = config.model
-    model = build_model(
-        train.specs,
-        train.num_classes,
-        embed_dim=m.embed_dim,
-        fusion=m.fusion,
-        fusion_hidden=m.fusion_hidden,
-        seed=config.seed,
-    )
+    model = model_for(config, train)
     model.load_state_dict(load_file(str(weights)))
     return model, config
 

@@ -342,13 +342,10 @@ def train_stacked(
     momentum = {k: torch.zeros_like(v) for k, v in current.items()} if training.momentum else {}
     loss_sum = torch.zeros(k_clients, device=weight.device)
     # DP-SGD divides by the expected batch size, never by the sampled one (which would leak).
-    batch_div = (
-        expected_batch.to(weight.device, torch.float32)[order]
-        if expected_batch is not None and order is not None
-        else expected_batch.to(weight.device, torch.float32)
-        if expected_batch is not None
-        else torch.full((k_clients,), float(training.batch_size), device=weight.device)
-    )
+    if expected_batch is None:
+        batch_div = torch.full((k_clients,), float(training.batch_size), device=weight.device)
+    else:
+        batch_div = ordered(expected_batch.to(weight.device, torch.float32))
     modalities = data.modalities
     steps = int(lengths[0]) if k_clients else 0
     for s in range(steps):

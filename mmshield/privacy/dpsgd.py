@@ -220,8 +220,9 @@ def calibrate_sample_level(
     target_epsilon: float,
     delta: float,
     method: Method = "pld",
-) -> float:
-    """Noise multiplier giving every client's records at most ``target_epsilon``.
+) -> tuple[float, float]:
+    """Noise multiplier giving every client's records at most ``target_epsilon``, and the ε
+    it gives (the worst client's, under ``method``).
 
     Raises
     ------
@@ -236,8 +237,8 @@ def calibrate_sample_level(
     worst = max(mechs.values(), key=lambda m: epsilon([m], delta, "rdp", coarse=True))
     sigma = calibrate_noise_multiplier(target_epsilon, delta, worst, method)
     # Other clients need at most what the worst needs under RDP; check the final figure.
-    while sample_level_epsilon(sizes, batch_size, local_epochs, rounds, sigma, delta, method) > (
-        target_epsilon * (1 + 1e-6)
-    ):
+    eps = sample_level_epsilon(sizes, batch_size, local_epochs, rounds, sigma, delta, method)
+    while eps > target_epsilon * (1 + 1e-6):
         sigma *= 1.01
-    return sigma
+        eps = sample_level_epsilon(sizes, batch_size, local_epochs, rounds, sigma, delta, method)
+    return sigma, eps

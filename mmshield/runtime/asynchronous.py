@@ -40,8 +40,8 @@ from mmshield.runtime.simulation import (
     CohortTrainer,
     RoundRecord,
     SimulationResult,
-    _check_finite,
-    _progress_bar,
+    check_finite,
+    progress_bar,
 )
 from mmshield.runtime.systems import ClientSystems, SystemsProfile, steps_per_epoch
 
@@ -220,7 +220,7 @@ def simulate_buffered(
         for old in [k for k in snapshots if k != version and k not in untrained]:
             del snapshots[old]
 
-    bar = _progress_bar(progress)
+    bar = progress_bar(progress)
     task_id = bar.add_task("server steps", total=updates, status="") if bar else None
     clock = last_step_clock = 0.0
     step_wall = time.perf_counter()
@@ -267,7 +267,7 @@ def simulate_buffered(
                 mean, staleness_list = buffer.drain()
                 new_params = server.step(snapshots[version], mean, version + 1)
                 version += 1
-                _check_finite(new_params, f"server step {version}")
+                check_finite(new_params, f"server step {version}")
                 with torch.no_grad():
                     for name, p in global_model.named_parameters():
                         p.copy_(new_params[name])

@@ -249,7 +249,7 @@ def simulate(
         else None
     )
 
-    bar = _progress_bar(progress)
+    bar = progress_bar(progress)
     task = bar.add_task("training", total=rounds, status="") if bar else None
     try:
         if bar:
@@ -304,7 +304,7 @@ def simulate(
                     controls.finish_round(len(chosen))
                 mean = acc.mean() if client_dp is None else client_dp.noisy_mean(global_params)
                 new_params = server.step(global_params, mean, rnd)
-                _check_finite(new_params, f"round {rnd}")
+                check_finite(new_params, f"round {rnd}")
                 with torch.no_grad():
                     for name, p in global_model.named_parameters():
                         p.copy_(new_params[name])
@@ -517,7 +517,8 @@ def _check_cohort_finite(deltas: dict[str, torch.Tensor], cohort: np.ndarray, wh
         )
 
 
-def _check_finite(params: dict[str, torch.Tensor], where: str) -> None:
+def check_finite(params: dict[str, torch.Tensor], where: str) -> None:
+    """Raise :class:`TrainingError` naming ``where`` if a global parameter is NaN or inf."""
     for name, p in params.items():
         if not bool(torch.isfinite(p).all()):
             raise TrainingError(f"{where}: global parameter {name!r} became non-finite")
@@ -538,7 +539,8 @@ def _to_device(ds: MultimodalDataset, dev: torch.device) -> MultimodalDataset:
     )
 
 
-def _progress_bar(enabled: bool) -> Progress | None:
+def progress_bar(enabled: bool) -> Progress | None:
+    """A rich progress bar for rounds (``None`` when disabled)."""
     if not enabled:
         return None
     return Progress(
