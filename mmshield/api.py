@@ -11,6 +11,8 @@ Examples
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import fnmatch
 import json
 import time
 import traceback
@@ -33,27 +35,54 @@ from mmshield.data.partition import (
     label_counts,
     quantity_skew_partition,
 )
-from mmshield.errors import ConfigError, MMShieldError
+from mmshield.errors import ConfigError, MMShieldError, PrivacyError
 from mmshield.fl.aggregate import ClientQuality
 from mmshield.fl.client import LocalTraining
 from mmshield.fl.evaluate import accuracy_by_modalities, evaluate
 from mmshield.fl.strategy import make_server_optimizer
 from mmshield.models.model import MultimodalModel, build_model
 from mmshield.privacy.accountant import SampledGaussian, calibrate_noise_multiplier, epsilon
-from mmshield.privacy.client_dp import AdaptiveClipping, ClientLevelDP
+from mmshield.privacy.client_dp import (
+    AdaptiveClipping,
+    ClientLevelDP,
+    ReleaseAccount,
+    client_level_statement,
+    client_level_summary,
+    gaussian_epsilon,
+)
 from mmshield.privacy.dpsgd import (
     DPSGD,
-    calibrate_sample_level,
-    record_mechanisms,
-    sample_level_epsilon,
 )
 from mmshield.privacy.ledger import PrivacyLedger
 from mmshield.privacy.noise import NoiseSource
+from mmshield.privacy.planner import PhaseNeeds, modality_epsilon, plan_phase_noise
+from mmshield.privacy.planner import candidates as planner_candidates
 from mmshield.runtime.asynchronous import simulate_buffered
 from mmshield.runtime.simulation import RoundRecord, SimulationResult, simulate
 from mmshield.runtime.systems import Distribution, SystemsProfile
 
 __all__ = ["Job", "RunOutcome", "build_job", "load_config", "run"]
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One training phase of a job, resolved against its data and model.
+
+    ``data`` is the phase's view of the federation: the modalities it does not read are absent
+    (masked and zeroed, so nothing of them reaches the model) and records holding none of its
+    modalities sit the phase out.
+    """
+
+    name: str
+    rounds: int
+    modalities: tuple[str, ...]
+    trainable: frozenset[str] | None
+    """Parameter names trained in this phase (``None``: all)."""
+    data: FederatedDataset
+
+    def client_sizes(self) -> np.ndarray:
+        """Records each client trains on in this phase."""
+        return np.array([len(ix) for ix in self.data.client_indices], dtype=np.int64)
 
 
 @dataclass
@@ -71,6 +100,8 @@ class Job:
     rescued_clients: int
     notes: list[str] = field(default_factory=list)
     quality: ClientQuality | None = None
+    phases: list[Phase] = field(default_factory=list)
+    """The training phases in order (one phase reading everything when none is configured)."""
 
 
 @dataclass
@@ -213,6 +244,65 @@ def build_job(config: RunConfig) -> Job:
         rescued,
         notes,
         quality,
+        resolve_phases(config, data, model),
+    )
+
+
+def resolve_phases(
+    config: RunConfig, data: FederatedDataset, model: MultimodalModel
+) -> list[Phase]:
+    """The config's training phases checked against the data's modalities and the model.
+
+    Raises
+    ------
+    ConfigError
+        A phase names a modality the data lacks, or a parameter pattern that matches nothing.
+    """
+    modalities = tuple(data.train.modalities)
+    if config.training.phases is None:
+        return [Phase("training", config.training.rounds, modalities, None, data)]
+    names = [n for n, _ in model.named_parameters()]
+    phases = []
+    for i, ph in enumerate(config.training.phases):
+        where = f"training.phases[{i}] ({ph.name!r})"
+        reads = tuple(ph.modalities) if ph.modalities is not None else modalities
+        unknown = sorted(set(reads) - set(modalities))
+        if unknown:
+            raise ConfigError(
+                f"{where}.modalities: {unknown} not in the data set; it has {list(modalities)}"
+            )
+        patterns = ph.trainable
+        if patterns is None:
+            patterns = [f"encoders.{m}.*" for m in reads] + ["fusion.*", "head.*"]
+        else:
+            for pattern in patterns:
+                if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+                    groups = sorted({".".join(n.split(".")[:2]) + ".*" for n in names})
+                    raise ConfigError(
+                        f"{where}.trainable: {pattern!r} matches no parameter; parameter "
+                        f"groups are {groups}"
+                    )
+        chosen = frozenset(n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns))
+        trainable = None if len(chosen) == len(names) else chosen
+        phases.append(Phase(ph.name, ph.rounds, reads, trainable, _phase_view(data, reads)))
+    return phases
+
+
+def _phase_view(data: FederatedDataset, reads: tuple[str, ...]) -> FederatedDataset:
+    train = data.train
+    if set(reads) == set(train.modalities):
+        return data
+    present = {m: (p if m in reads else torch.zeros_like(p)) for m, p in train.present.items()}
+    inputs = {m: (x if m in reads else torch.zeros_like(x)) for m, x in train.inputs.items()}
+    holds_one = torch.zeros(len(train), dtype=torch.bool)
+    for m in reads:
+        holds_one |= train.present[m].bool().cpu()
+    keep = holds_one.numpy()
+    view = dataclasses.replace(train, inputs=inputs, present=present)
+    return FederatedDataset(
+        train=view,
+        client_indices=[ix[keep[ix]] for ix in data.client_indices],
+        test=data.test,
     )
 
 
@@ -227,9 +317,69 @@ class PrivacyPlan:
     client_dp: ClientLevelDP | None = None
     per_round: SampledGaussian | None = None
     """The worst-off unit's mechanism for one round (for the ledger's per-round charges)."""
+    phase_mechanisms: list[DPSGD] | None = None
+    """Sample-level DP: one DP-SGD per training phase (each with its own noise)."""
+    phase_needs: list[PhaseNeeds] | None = None
+    epsilon_by_modality: dict[str, float] | None = None
+    """Sample-level DP: each modality's ε (the phases that read it, composed)."""
+    phase_split: list[dict[str, Any]] = field(default_factory=list)
+    """Per phase: name, rounds, modalities, noise multiplier and the modality that set it."""
+
+    def epsilon_by_modality_after(self, rounds: int) -> dict[str, float] | None:
+        """Each modality's cumulative ε after ``rounds`` rounds (sample-level DP).
+
+        Completed phases count whole and the current one for its rounds so far; a fast RDP upper
+        bound, capped by (and at the end equal to) the plan's exact figure.
+        """
+        needs, plan = self.phase_needs, self.epsilon_by_modality
+        if needs is None or plan is None or self.delta is None:
+            return None
+        if rounds >= sum(int(p["rounds"]) for p in self.phase_split):
+            return dict(plan)
+        partial, left = [], rounds
+        for need, split in zip(needs, self.phase_split, strict=True):
+            done = min(left, int(split["rounds"]))
+            left -= done
+            fraction = done / int(split["rounds"])
+            partial.append(
+                PhaseNeeds(
+                    need.name,
+                    need.modalities,
+                    [
+                        None
+                        if m is None or done == 0
+                        else dataclasses.replace(m, steps=round(m.steps * fraction))
+                        for m in need.releases
+                    ],
+                )
+            )
+        sigmas = [float(p["noise_multiplier"]) for p in self.phase_split]
+        return {
+            m: min(
+                e,
+                modality_epsilon(
+                    partial,
+                    sigmas,
+                    m,
+                    self.delta,
+                    "rdp",
+                    planner_candidates(needs, m, self.delta),
+                    coarse=True,
+                ),
+            )
+            for m, e in plan.items()
+        }
 
     def epsilon_after(self, rounds: int, total_rounds: int) -> float:
-        """Cumulative ε after ``rounds`` rounds: a fast RDP upper bound, the plan at the end."""
+        """Cumulative ε after ``rounds`` rounds: a fast RDP upper bound, the plan at the end.
+
+        Client-level DP with distributed or local noise: what its releases actually spent.
+        """
+        if self.client_dp is not None and self.client_dp.account is not None:
+            return self.client_dp.account.spent
+        if self.phase_needs is not None:
+            by_modality = self.epsilon_by_modality_after(rounds)
+            return max(by_modality.values(), default=0.0) if by_modality else 0.0
         if self.epsilon is None or self.delta is None or self.per_round is None:
             return 0.0
         if rounds >= total_rounds:
@@ -246,6 +396,7 @@ class PrivacyPlan:
             "noise_multiplier": None if m is None else m.noise_multiplier,
             "sampling_rate": None if m is None else m.sampling_rate,
             "steps_per_round": None if m is None else m.steps,
+            "noise_placement": None if self.client_dp is None else self.client_dp.placement,
         }
 
 
@@ -263,47 +414,145 @@ def plan_privacy(job: Job) -> PrivacyPlan:
     dp = cfg.sample_level
     if dp is None:
         return PrivacyPlan(None, None, None, None)
-    sizes = np.array([len(ix) for ix in job.data.client_indices])
     t = job.training
+    needs = [
+        PhaseNeeds(
+            ph.name,
+            frozenset(ph.modalities),
+            _record_releases(ph.client_sizes(), t.batch_size, t.local_epochs, ph.rounds),
+        )
+        for ph in job.phases
+    ]
+    read = sorted({m for ph in job.phases for m in ph.modalities})
+    if not any(r is not None for need in needs for r in need.releases):
+        raise PrivacyError("no client holds any record: nothing to train with DP-SGD")
     if dp.epsilon is not None:
-        sigma, eps = calibrate_sample_level(
-            sizes, t.batch_size, t.local_epochs, job.rounds, dp.epsilon, dp.delta, cfg.accountant
+        budgets = (
+            dict(dp.epsilon)
+            if isinstance(dp.epsilon, dict)
+            else {m: float(dp.epsilon) for m in read}
+        )
+        plan = plan_phase_noise(needs, budgets, dp.delta, cfg.accountant)
+        sigmas, by_modality, setters = (
+            list(plan.noise_multipliers),
+            plan.epsilon_by_modality,
+            list(plan.bottleneck),
         )
     else:
         assert dp.noise_multiplier is not None
-        sigma = dp.noise_multiplier
-        eps = sample_level_epsilon(
-            sizes, t.batch_size, t.local_epochs, job.rounds, sigma, dp.delta, cfg.accountant
-        )
+        sigmas = [dp.noise_multiplier] * len(needs)
+        setters = ["fixed"] * len(needs)
+        by_modality = {
+            m: modality_epsilon(
+                needs, sigmas, m, dp.delta, cfg.accountant, planner_candidates(needs, m, dp.delta)
+            )
+            for m in read
+        }
+    eps = max(by_modality.values())
     source = NoiseSource(cfg.secure_noise, job.seed, "dpsgd")
-    per_round = max(
-        record_mechanisms(sizes, t.batch_size, t.local_epochs, 1, sigma).values(),
-        key=lambda m: epsilon([m], dp.delta, "rdp", coarse=True),
+    mechanisms = [DPSGD(dp.max_grad_norm, s, source) for s in sigmas]
+    # The ledger's record describes the first phase's worst-off client for one round.
+    first = [m for m in needs[0].releases if m is not None] or [SampledGaussian(1.0, 0)]
+    worst = max(first, key=lambda m: epsilon([m], dp.delta, "rdp", coarse=True))
+    per_round = dataclasses.replace(
+        worst, noise_multiplier=sigmas[0], steps=worst.steps // max(job.phases[0].rounds, 1)
     )
+    split = [
+        {
+            "phase": ph.name,
+            "rounds": ph.rounds,
+            "modalities": list(ph.modalities),
+            "noise_multiplier": s,
+            "set_by": who,
+        }
+        for ph, s, who in zip(job.phases, sigmas, setters, strict=True)
+    ]
+    if len(job.phases) == 1:
+        noise = f"Gaussian noise (multiplier {sigmas[0]:.3f}) is added at every local step"
+    else:
+        noise = "Gaussian noise is added at every local step, per phase: " + "; ".join(
+            f"{ph.name} ({', '.join(ph.modalities)}, {ph.rounds} rounds) multiplier {s:.3f}"
+            for ph, s in zip(job.phases, sigmas, strict=True)
+        )
+    per_mod = ", ".join(f"{m} {e:.3g}" for m, e in sorted(by_modality.items()))
     statement = (
         f"sample-level DP-SGD: every record's influence is clipped to norm {dp.max_grad_norm:g} "
-        f"and Gaussian noise (multiplier {sigma:.3f}) is added at every local step; "
-        f"(ε = {eps:.3g}, δ = {dp.delta:g}) per record under {cfg.accountant.upper()} accounting "
-        "of Poisson-sampled batches, counting every round for every client"
+        f"and {noise}; (ε = {eps:.3g}, δ = {dp.delta:g}) per record under "
+        f"{cfg.accountant.upper()} accounting of Poisson-sampled batches, counting every round "
+        f"for every client; ε by modality: {per_mod} (a phase is charged to the modalities it "
+        "reads; a record's label counts with each of them)"
     )
     return PrivacyPlan(
-        DPSGD(dp.max_grad_norm, sigma, source), eps, dp.delta, statement, None, per_round
+        mechanisms[0],
+        eps,
+        dp.delta,
+        statement,
+        None,
+        per_round,
+        phase_mechanisms=mechanisms,
+        phase_needs=needs,
+        epsilon_by_modality=by_modality,
+        phase_split=split,
     )
+
+
+def _record_releases(
+    sizes: np.ndarray, batch_size: int, local_epochs: int, rounds: int
+) -> list[SampledGaussian | None]:
+    """DP-SGD's release about one record of each client over ``rounds`` rounds (σ = 1).
+
+    ``None`` for a client with no record (it trains nothing).
+    """
+    out: list[SampledGaussian | None] = []
+    for size in np.asarray(sizes, dtype=np.int64):
+        n = int(size)
+        if n == 0:
+            out.append(None)
+            continue
+        steps = rounds * local_epochs * -(-n // batch_size)
+        out.append(SampledGaussian(1.0, steps, "poisson", min(1.0, batch_size / n)))
+    return out
 
 
 def _plan_client_level(job: Job) -> PrivacyPlan:
+    """Plan client-level DP-FedAvg for the noise placement the config chooses.
+
+    Central: the server adds ``z`` every round; the plan's ε is what the run spends. Local: the
+    server sees each update, so no amplification by sampling; the plan is the worst case (a
+    client in every round) and the run is charged for the worst-off client's real count.
+    Distributed: each client adds a share sized for ``ρ m`` reports (``ρ``:
+    ``reporting_fraction``, the safety factor); the plan's ε (the budget the ledger reserves)
+    is that of ``z`` every round, and each round is charged for the multiplier
+    ``z sqrt(k / (ρ m))`` of the ``k`` shares that actually reached the sum: more reports
+    credit more noise, fewer cost more, and a round that would take the run past its budget is
+    refused before it is released (:class:`~mmshield.privacy.client_dp.ReleaseAccount`).
+    """
     cfg = job.config.privacy
     dp = cfg.client_level
     assert dp is not None
     n = job.data.num_clients
     rate = job.clients_per_round / n
-    template = SampledGaussian(1.0, job.rounds, "poisson", rate)
+    local = dp.noise == "local"
+    template = (
+        SampledGaussian(1.0, job.rounds, "none")
+        if local
+        else SampledGaussian(1.0, job.rounds, "poisson", rate)
+    )
     if dp.epsilon is not None:
         z = calibrate_noise_multiplier(dp.epsilon, dp.delta, template, cfg.accountant)
     else:
         assert dp.noise_multiplier is not None
         z = dp.noise_multiplier
-    eps = epsilon([SampledGaussian(z, job.rounds, "poisson", rate)], dp.delta, cfg.accountant)
+    if dp.noise == "central":
+        eps = epsilon([SampledGaussian(z, job.rounds, "poisson", rate)], dp.delta, cfg.accountant)
+    elif local:
+        eps = gaussian_epsilon(z / job.rounds**0.5, dp.delta)
+    else:
+        # On the account's grid, so that a run whose every round carries exactly the planned
+        # noise spends exactly its budget.
+        eps = epsilon(
+            [SampledGaussian(z, job.rounds, "poisson", rate)], dp.delta, cfg.accountant, True
+        )
     adaptive = (
         AdaptiveClipping(
             dp.adaptive.target_quantile, dp.adaptive.learning_rate, dp.adaptive.count_noise
@@ -311,6 +560,9 @@ def _plan_client_level(job: Job) -> PrivacyPlan:
         if dp.adaptive is not None
         else None
     )
+    distributed = dp.noise == "distributed"
+    central = dp.noise == "central"
+    account = None if central else ReleaseAccount(dp.delta, eps, rate, cfg.accountant)
     try:
         mech = ClientLevelDP(
             dp.clip_norm,
@@ -318,22 +570,28 @@ def _plan_client_level(job: Job) -> PrivacyPlan:
             job.clients_per_round,
             NoiseSource(cfg.secure_noise, job.seed, "client-dp"),
             adaptive,
+            placement=dp.noise,
+            noise_shares=dp.reporting_fraction * job.clients_per_round if distributed else None,
+            client_source=NoiseSource(cfg.secure_noise, job.seed, "client-dp-clients"),
+            account=account,
         )
     except ValueError as exc:
         raise ConfigError(f"privacy.client_level: {exc}") from None
-    clipping = (
-        f"an adaptive clip norm (starting at {dp.clip_norm:g}, tracking the "
-        f"{dp.adaptive.target_quantile:g} quantile of update norms)"
-        if dp.adaptive is not None
-        else f"clip norm {dp.clip_norm:g}"
+    statement = client_level_statement(mech, rate, job.rounds, eps, dp.delta, cfg.accountant)
+    per_round = SampledGaussian(z, 1, "none") if local else SampledGaussian(z, 1, "poisson", rate)
+    return PrivacyPlan(None, eps, dp.delta, statement, mech, per_round)
+
+
+def finish_client_level(privacy: PrivacyPlan, job: Job) -> dict[str, Any]:
+    """After a client-level DP run: restate its guarantee with what it spent; summary fields."""
+    mech, cfg = privacy.client_dp, job.config.privacy
+    if mech is None or privacy.epsilon is None or privacy.delta is None:
+        return {}
+    rate = job.clients_per_round / job.data.num_clients
+    privacy.statement = client_level_statement(
+        mech, rate, job.rounds, privacy.epsilon, privacy.delta, cfg.accountant
     )
-    statement = (
-        f"client-level DP-FedAvg: clients joined each round by Poisson sampling (rate {rate:.3g}); "
-        f"each client's whole update was clipped ({clipping}) and the server added Gaussian "
-        f"noise (multiplier {z:.3f}) to the sum; (ε = {eps:.3g}, δ = {dp.delta:g}) per client "
-        f"over {job.rounds} rounds under {cfg.accountant.upper()} accounting"
-    )
-    return PrivacyPlan(None, eps, dp.delta, statement, mech, SampledGaussian(z, 1, "poisson", rate))
+    return client_level_summary(mech, privacy.epsilon, privacy.delta)
 
 
 def load_run_model(run_dir: str | Path) -> tuple[MultimodalModel, RunConfig]:
@@ -413,16 +671,43 @@ def simulate_job(
             staleness_exponent=srv.staleness_exponent,
             **common,
         )
-    return simulate(
-        job.model,
-        job.data,
-        rounds=job.rounds,
-        clients_per_round=job.clients_per_round,
-        scaffold=srv.strategy == "scaffold",
-        private=privacy.mechanism,
-        client_dp=privacy.client_dp,
-        **common,
+    if len(job.phases) == 1 and job.phases[0].trainable is None:
+        return simulate(
+            job.model,
+            job.data,
+            rounds=job.rounds,
+            clients_per_round=job.clients_per_round,
+            scaffold=srv.strategy == "scaffold",
+            private=privacy.mechanism,
+            client_dp=privacy.client_dp,
+            **common,
+        )
+    # Phases run one after the other on the same model and server optimiser; round numbers
+    # continue across them.
+    model, first, history, wall, cohort = job.model, 1, [], 0.0, 0
+    mechanisms: list[DPSGD | None] = (
+        list(privacy.phase_mechanisms)
+        if privacy.phase_mechanisms
+        else [privacy.mechanism] * len(job.phases)
     )
+    for phase, mechanism in zip(job.phases, mechanisms, strict=True):
+        part = simulate(
+            model,
+            phase.data,
+            rounds=phase.rounds,
+            clients_per_round=job.clients_per_round,
+            private=mechanism,
+            trainable=phase.trainable,
+            first_round=first,
+            **common,
+        )
+        for record in part.history:
+            record.phase = phase.name
+        model, first = part.model, first + phase.rounds
+        history += part.history
+        wall += part.wall_seconds
+        cohort = max(cohort, part.cohort_size)
+    return SimulationResult(model=model, history=history, wall_seconds=wall, cohort_size=cohort)
 
 
 def systems_profile(config: SystemsConfig | None) -> SystemsProfile | None:
@@ -514,8 +799,16 @@ def run(
                 metrics |= {"test_accuracy": record.test_accuracy, "test_loss": record.test_loss}
             if ledger is not None and privacy.delta is not None:
                 spent = privacy.epsilon_after(record.round, job.rounds)
-                ledger.charge(info.run_id, record.round, spent, privacy.delta)
+                by_modality = privacy.epsilon_by_modality_after(record.round)
+                ledger.charge(
+                    info.run_id,
+                    record.round,
+                    spent if by_modality is None else by_modality,
+                    privacy.delta,
+                )
                 metrics["epsilon"] = spent
+                for m, e in (by_modality or {}).items():
+                    metrics[f"epsilon/{m}"] = e
             store.log_round(info.run_id, record.round, metrics)
 
         privacy = plan_privacy(job)  # refuses an unreachable ε before any training
@@ -526,7 +819,7 @@ def run(
                 info.run_id,
                 ledger_dataset(config),
                 job.data.train.modalities,
-                privacy.epsilon,
+                privacy.epsilon_by_modality or privacy.epsilon,
                 privacy.delta,
                 privacy.mechanism_record(),
             )
@@ -539,6 +832,7 @@ def run(
             str(model_path),
         )
         store.add_artefact(info.run_id, "model", model_path)
+        client_level_fields = finish_client_level(privacy, job)
         summary: dict[str, Any] = {
             "run_id": info.run_id,
             "name": config.name,
@@ -552,6 +846,25 @@ def run(
             "accuracy_by_modalities": by_modalities,
             "epsilon": privacy.epsilon,
             "delta": privacy.delta,
+            "accountant": None if privacy.epsilon is None else config.privacy.accountant,
+            "privacy_unit": (
+                None
+                if privacy.epsilon is None
+                else "client"
+                if config.privacy.client_level is not None
+                else "record"
+            ),
+            "epsilon_by_modality": privacy.epsilon_by_modality,
+            "phases": [
+                {
+                    "phase": ph.name,
+                    "rounds": ph.rounds,
+                    "modalities": list(ph.modalities),
+                    "trainable": None if ph.trainable is None else sorted(ph.trainable),
+                }
+                for ph in job.phases
+            ],
+            "privacy_split": privacy.phase_split,
             "wall_seconds": time.perf_counter() - start,
             "training_seconds": result.wall_seconds,
             "simulated_seconds": result.simulated_seconds,
@@ -569,6 +882,7 @@ def run(
             "notes": job.notes,
             "mmshield_version": __version__,
         }
+        summary |= client_level_fields
         store.finish_run(info.run_id, summary)
         if ledger is not None:
             ledger.close_run(info.run_id, "finished")

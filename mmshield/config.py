@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mmshield.errors import ConfigError
 
@@ -70,10 +70,34 @@ class ModelConfig(_Strict):
     fusion_hidden: int = Field(default=64, ge=0)
 
 
+class PhaseConfig(_Strict):
+    """Some rounds that read only some modalities and train only some parameters.
+
+    Its DP noise is charged only to the modalities it reads (see ``privacy.sample_level``).
+    """
+
+    name: str = Field(min_length=1)
+    rounds: int = Field(ge=1)
+    modalities: list[str] | None = Field(
+        default=None,
+        min_length=1,
+        description="modalities the phase reads (default: all); records holding none sit out",
+    )
+    trainable: list[str] | None = Field(
+        default=None,
+        min_length=1,
+        description="parameter name patterns (fnmatch) to train; default: the encoders of the "
+        "phase's modalities, fusion.* and head.*",
+    )
+
+
 class TrainingConfig(_Strict):
     """Federated training."""
 
-    rounds: int = Field(default=20, ge=1)
+    rounds: int = Field(default=20, ge=1, description="with phases: their sum (may be omitted)")
+    phases: list[PhaseConfig] | None = Field(
+        default=None, min_length=1, description="train in phases (default: one phase, all data)"
+    )
     clients_per_round: int | None = Field(default=None, ge=1, description="default: all clients")
     local_epochs: int = Field(default=1, ge=1)
     batch_size: int = Field(default=32, ge=1)
@@ -82,6 +106,35 @@ class TrainingConfig(_Strict):
     weight_decay: float = Field(default=0.0, ge=0)
     proximal_mu: float = Field(default=0.0, ge=0, description="FedProx proximal term (0: off)")
     eval_every: int = Field(default=1, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _rounds_from_phases(cls, data: Any) -> Any:
+        phases = data.get("phases") if isinstance(data, dict) else None
+        if isinstance(phases, list) and "rounds" not in data:
+            try:
+                rounds = sum(
+                    int(p["rounds"] if isinstance(p, dict) else p.rounds) for p in phases
+                )
+            except (KeyError, TypeError, ValueError, AttributeError):
+                return data  # the field validators name what is wrong
+            return {**data, "rounds": rounds}
+        return data
+
+    @model_validator(mode="after")
+    def _phase_rounds(self) -> TrainingConfig:
+        if self.phases is None:
+            return self
+        total = sum(p.rounds for p in self.phases)
+        if self.rounds != total:
+            raise ValueError(
+                f"training.rounds is {self.rounds} but the phases add up to {total} rounds; "
+                "omit training.rounds or make them agree"
+            )
+        names = [p.name for p in self.phases]
+        if len(set(names)) != len(names):
+            raise ValueError(f"training.phases: phase names must differ, got {names}")
+        return self
 
 
 class ServerConfig(_Strict):
@@ -168,10 +221,22 @@ class SystemsConfig(_Strict):
 class SampleLevelDPConfig(_Strict):
     """DP-SGD in every client's local training (record-level guarantee)."""
 
-    epsilon: float | None = Field(default=None, gt=0, description="target ε (calibrates noise)")
+    epsilon: float | dict[str, float] | None = Field(
+        default=None,
+        description="target ε (calibrates noise): one figure, or one per modality (a budget "
+        "per modality; the planner sets each phase's noise)",
+    )
     noise_multiplier: float | None = Field(default=None, gt=0, description="or a fixed σ")
     delta: float = Field(default=1e-5, gt=0, lt=1)
     max_grad_norm: float = Field(default=1.0, gt=0, description="per-record clipping norm")
+
+    @field_validator("epsilon")
+    @classmethod
+    def _positive(cls, v: float | dict[str, float] | None) -> float | dict[str, float] | None:
+        values = v.values() if isinstance(v, dict) else [] if v is None else [v]
+        if any(not e > 0 for e in values):
+            raise ValueError("every ε must be > 0")
+        return v
 
     @model_validator(mode="after")
     def _one_of(self) -> SampleLevelDPConfig:
@@ -192,13 +257,27 @@ class AdaptiveClippingConfig(_Strict):
 
 
 class ClientLevelDPConfig(_Strict):
-    """DP-FedAvg: a guarantee for each whole client (Poisson client sampling, central noise)."""
+    """DP-FedAvg: a guarantee for each whole client (Poisson client sampling, clipped updates).
+
+    ``noise`` places the Gaussian noise: ``central`` (the server adds it to the sum),
+    ``distributed`` (each client adds a share; the sum carries the whole, what secure
+    aggregation needs) or ``local`` (each client adds all of it: local DP against the server).
+    """
 
     epsilon: float | None = Field(default=None, gt=0, description="target ε (calibrates noise)")
     noise_multiplier: float | None = Field(default=None, gt=0, description="or a fixed z")
     delta: float = Field(default=1e-3, gt=0, lt=1, description="below 1 / number of clients")
     clip_norm: float = Field(default=1.0, gt=0, description="initial or fixed update clip norm")
     adaptive: AdaptiveClippingConfig | None = None
+    noise: Literal["central", "distributed", "local"] = Field(
+        default="central", description="who adds the noise: the server, client shares, clients"
+    )
+    reporting_fraction: float = Field(
+        default=0.8,
+        gt=0,
+        le=1,
+        description="distributed: shares sized so the planned z holds if this fraction reports",
+    )
 
     @model_validator(mode="after")
     def _one_of(self) -> ClientLevelDPConfig:
@@ -206,6 +285,19 @@ class ClientLevelDPConfig(_Strict):
             raise ValueError(
                 "give exactly one of privacy.client_level.epsilon and "
                 "privacy.client_level.noise_multiplier"
+            )
+        if self.noise == "local" and self.adaptive is not None:
+            raise ValueError(
+                "privacy.client_level.adaptive cannot be used with privacy.client_level.noise "
+                "'local': the clipped-count bit would need local DP too; remove "
+                "privacy.client_level.adaptive (fixed clip_norm) or use noise 'central' or "
+                "'distributed'"
+            )
+        if self.noise != "distributed" and "reporting_fraction" in self.model_fields_set:
+            raise ValueError(
+                "privacy.client_level.reporting_fraction only applies to noise 'distributed' "
+                f"(noise is {self.noise!r}); remove it or set privacy.client_level.noise: "
+                "distributed"
             )
         return self
 
@@ -267,6 +359,22 @@ class RunConfig(_Strict):
                 "privacy.sample_level with server.strategy 'fedbuff' is refused: an asynchronous "
                 "client may train more often than once per server step, which the record-level "
                 "accounting (one local training per round) does not cover"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _phases_supported(self) -> RunConfig:
+        if self.training.phases is None:
+            return self
+        if self.privacy.client_level is not None:
+            raise ValueError(
+                "training.phases with privacy.client_level is not supported yet (the planner "
+                "budgets records); use privacy.sample_level or a single phase"
+            )
+        if self.server.strategy in ("scaffold", "fedbuff"):
+            raise ValueError(
+                f"training.phases with server.strategy {self.server.strategy!r} is not supported; "
+                "use fedavg, fedavgm, fedadam, fedyogi or fedadagrad"
             )
         return self
 

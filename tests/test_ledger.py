@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -28,9 +29,9 @@ def test_admission_respects_every_modality_budget(tmp_path: Path) -> None:
     ledger.admit("r1", "ds", ["image"], 3.0, 1e-6, {})
     ledger.charge("r1", 1, 3.0, 1e-6)
     ledger.close_run("r1")
-    with pytest.raises(PrivacyError, match=r"image: ε 2 left of 5"):
+    with pytest.raises(PrivacyError, match=r"image: needs ε 2.5, 2 left of 5"):
         ledger.admit("r2", "ds", ["image", "audio"], 2.5, 1e-6, {})
-    with pytest.raises(PrivacyError, match=r"audio: ε 2 left of 2"):
+    with pytest.raises(PrivacyError, match=r"audio: needs ε 2.5, 2 left of 2"):
         ledger.admit("r3", "ds", ["audio"], 2.5, 1e-6, {})
     ledger.admit("r4", "ds", ["image", "audio"], 2.0, 1e-6, {})  # exactly what is left
     spend = {s.modality: s for s in ledger.spend("ds")}
@@ -131,3 +132,55 @@ def test_killing_a_run_midway_leaves_the_ledger_consistent(tmp_path: Path) -> No
     (spend,) = ledger.spend("fedprox-synthetic")
     assert spend.spent_epsilon == pytest.approx(float(run["spent_epsilon"]))  # type: ignore[arg-type]
     assert spend.reserved_epsilon == pytest.approx(0.1)
+
+
+def test_per_modality_plans_and_charges(tmp_path: Path) -> None:
+    """A phased run spends differently on each modality; admission and spend follow that."""
+    ledger = PrivacyLedger(tmp_path / "l.db")
+    ledger.set_budget("ds", 2.0, 1e-5, modality="image")
+    ledger.set_budget("ds", 8.0, 1e-5, modality="audio")
+    with pytest.raises(PrivacyError, match=r"image: needs ε 3"):
+        ledger.admit("r0", "ds", ["image", "audio"], {"image": 3.0, "audio": 3.0}, 1e-6, {})
+    ledger.admit("r1", "ds", ["image", "audio"], {"image": 2.0, "audio": 7.0}, 1e-6, {})
+    ledger.charge("r1", 1, {"image": 1.0, "audio": 4.0}, 1e-6)
+    spend = {s.modality: s for s in ledger.spend("ds")}
+    assert spend["audio"].spent_epsilon == 4.0 and spend["audio"].reserved_epsilon == 3.0
+    assert spend["image"].spent_epsilon == 1.0 and spend["image"].reserved_epsilon == 1.0
+    ledger.charge("r1", 2, {"image": 2.0, "audio": 7.0}, 1e-6)
+    ledger.close_run("r1")
+    (run,) = ledger.history("ds")
+    assert run["spent_by_modality"] == {"audio": 7.0, "image": 2.0}
+    assert run["spent_epsilon"] == 7.0 and run["rounds_charged"] == 2
+    ledger.admit("r2", "ds", ["audio"], 1.0, 1e-6, {})  # audio has 1 left; image has none
+    with pytest.raises(PrivacyError, match=r"image: needs ε 0.1, 0 left of 2"):
+        ledger.admit("r3", "ds", ["image"], 0.1, 1e-6, {})
+
+
+def test_a_version_0_ledger_is_migrated_with_its_charges(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    db.executescript(
+        """
+        CREATE TABLE budgets (dataset TEXT NOT NULL, modality TEXT NOT NULL,
+            epsilon REAL NOT NULL, delta REAL NOT NULL, PRIMARY KEY (dataset, modality));
+        CREATE TABLE runs (run_id TEXT PRIMARY KEY, dataset TEXT NOT NULL,
+            modalities TEXT NOT NULL, planned_epsilon REAL NOT NULL, planned_delta REAL NOT NULL,
+            mechanism TEXT NOT NULL, status TEXT NOT NULL, pid INTEGER, host TEXT,
+            created_at REAL NOT NULL);
+        CREATE TABLE charges (run_id TEXT NOT NULL REFERENCES runs(run_id),
+            round INTEGER NOT NULL, epsilon REAL NOT NULL, delta REAL NOT NULL,
+            at REAL NOT NULL, PRIMARY KEY (run_id, round));
+        INSERT INTO budgets VALUES ('ds', '*', 5.0, 1e-5);
+        INSERT INTO runs VALUES ('old', 'ds', '["audio", "image"]', 3.0, 1e-6, '{}',
+            'finished', 1, 'h', 0.0);
+        INSERT INTO charges VALUES ('old', 1, 1.5, 1e-6, 0.0);
+        INSERT INTO charges VALUES ('old', 2, 3.0, 1e-6, 0.0);
+        """
+    )
+    db.close()
+    ledger = PrivacyLedger(path)
+    spend = {s.modality: s.spent_epsilon for s in ledger.spend("ds")}
+    assert spend == {"audio": 3.0, "image": 3.0}
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 1
+    PrivacyLedger(path)  # opening again is a no-op
+    assert ledger.history("ds")[0]["rounds_charged"] == 2

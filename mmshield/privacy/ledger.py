@@ -23,7 +23,7 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,11 +39,26 @@ CREATE TABLE IF NOT EXISTS budgets (
 CREATE TABLE IF NOT EXISTS runs (
     run_id TEXT PRIMARY KEY, dataset TEXT NOT NULL, modalities TEXT NOT NULL,
     planned_epsilon REAL NOT NULL, planned_delta REAL NOT NULL, mechanism TEXT NOT NULL,
-    status TEXT NOT NULL, pid INTEGER, host TEXT, created_at REAL NOT NULL);
+    status TEXT NOT NULL, pid INTEGER, host TEXT, created_at REAL NOT NULL, planned TEXT);
 CREATE TABLE IF NOT EXISTS charges (
     run_id TEXT NOT NULL REFERENCES runs(run_id), round INTEGER NOT NULL,
+    modality TEXT NOT NULL DEFAULT '*',
     epsilon REAL NOT NULL, delta REAL NOT NULL, at REAL NOT NULL,
-    PRIMARY KEY (run_id, round));
+    PRIMARY KEY (run_id, round, modality));
+"""
+# Version 1 added per-modality plans (runs.planned, JSON) and charges (charges.modality; ``*``
+# charges every modality of the run). Version-0 files are migrated when first opened.
+_VERSION = 1
+_MIGRATE_0_TO_1 = """
+ALTER TABLE runs ADD COLUMN planned TEXT;
+CREATE TABLE charges_v1 (
+    run_id TEXT NOT NULL REFERENCES runs(run_id), round INTEGER NOT NULL,
+    modality TEXT NOT NULL DEFAULT '*',
+    epsilon REAL NOT NULL, delta REAL NOT NULL, at REAL NOT NULL,
+    PRIMARY KEY (run_id, round, modality));
+INSERT INTO charges_v1 SELECT run_id, round, '*', epsilon, delta, at FROM charges;
+DROP TABLE charges;
+ALTER TABLE charges_v1 RENAME TO charges;
 """
 
 
@@ -83,9 +98,22 @@ class PrivacyLedger:
         self.path = Path(path) if path is not None else default_ledger_path()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            db = sqlite3.connect(self.path, timeout=30)
-            db.executescript(_SCHEMA)  # CREATE ... IF NOT EXISTS: safe to race
-            db.close()
+            db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            try:
+                db.execute("BEGIN IMMEDIATE")  # one process creates or migrates; others wait
+                version = db.execute("PRAGMA user_version").fetchone()[0]
+                fresh = db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0] == 0
+                if version == 0 and not fresh:
+                    for statement in _MIGRATE_0_TO_1.split(";"):
+                        if statement.strip():
+                            db.execute(statement)
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute(f"PRAGMA user_version = {_VERSION}")
+                db.execute("COMMIT")
+            finally:
+                db.close()
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: cannot open the privacy ledger: {exc}") from None
 
@@ -136,36 +164,40 @@ class PrivacyLedger:
             )
         }
         runs = db.execute(
-            "SELECT run_id, modalities, planned_epsilon, status FROM runs WHERE dataset = ?",
+            "SELECT run_id, modalities, planned_epsilon, planned, status FROM runs "
+            "WHERE dataset = ?",
             (dataset,),
         ).fetchall()
-        charged = {
-            r: (e, d)
-            for r, e, d in db.execute(
-                "SELECT c.run_id, c.epsilon, c.delta FROM charges c JOIN runs USING (run_id) "
-                "WHERE runs.dataset = ? AND c.round = (SELECT MAX(round) FROM charges c2 "
-                "WHERE c2.run_id = c.run_id)",
-                (dataset,),
-            )
-        }
+        # A run's last charged round holds its cumulative spend, one row per modality it
+        # charged separately (``*``: all of them alike).
+        charged: dict[str, dict[str, tuple[float, float]]] = {}
+        for r, m, e, d in db.execute(
+            "SELECT c.run_id, c.modality, c.epsilon, c.delta FROM charges c JOIN runs USING "
+            "(run_id) WHERE runs.dataset = ? AND c.round = (SELECT MAX(round) FROM charges c2 "
+            "WHERE c2.run_id = c.run_id)",
+            (dataset,),
+        ):
+            charged.setdefault(r, {})[m] = (e, d)
         if modalities is not None:
             names = set(modalities)
         else:
             names = {m for m in budgets if m != ANY_MODALITY}
-            for _, mods, _, _ in runs:
+            for _, mods, _, _, _ in runs:
                 names |= set(json.loads(mods))
         out = []
         for m in sorted(names):
             budget = budgets.get(m, budgets.get(ANY_MODALITY))
             spent_e = spent_d = reserved = 0.0
-            for run_id, mods, planned, status in runs:
+            for run_id, mods, planned_max, planned, status in runs:
                 if m not in json.loads(mods):
                     continue
-                e, d = charged.get(run_id, (0.0, 0.0))
+                rows = charged.get(run_id, {})
+                e, d = rows.get(m, rows.get(ANY_MODALITY, (0.0, 0.0)))
                 spent_e += e
                 spent_d += d
                 if status == "running":
-                    reserved += max(planned - e, 0.0)
+                    plan = json.loads(planned).get(m, planned_max) if planned else planned_max
+                    reserved += max(plan - e, 0.0)
             out.append(
                 Spend(
                     dataset,
@@ -186,56 +218,79 @@ class PrivacyLedger:
         run_id: str,
         dataset: str,
         modalities: Sequence[str],
-        epsilon: float,
+        epsilon: float | Mapping[str, float],
         delta: float,
         mechanism: dict[str, object],
     ) -> None:
         """Reserve ``(epsilon, delta)`` on every modality, or refuse the run.
+
+        ``epsilon`` is one figure for every modality, or one per modality (a run whose phases
+        read different modalities spends different amounts on each).
 
         Raises
         ------
         PrivacyError
             Some modality's remaining budget is too small; the message shows each one.
         """
+        plan = (
+            {m: float(epsilon) for m in modalities}
+            if isinstance(epsilon, int | float)
+            else {m: float(epsilon.get(m, 0.0)) for m in modalities}
+        )
         with self._tx() as db:
             self._mark_dead_runs(db)
             short = []
             for s in self._spend(db, dataset, modalities):
                 remaining = s.remaining_epsilon
                 delta_left = None if s.budget_delta is None else s.budget_delta - s.spent_delta
-                if remaining is not None and epsilon > remaining + 1e-12:
-                    short.append(f"{s.modality}: ε {remaining:.4g} left of {s.budget_epsilon:g}")
+                if remaining is not None and plan[s.modality] > remaining + 1e-12:
+                    short.append(
+                        f"{s.modality}: needs ε {plan[s.modality]:.4g}, "
+                        f"{remaining:.4g} left of {s.budget_epsilon:g}"
+                    )
                 elif delta_left is not None and delta > delta_left + 1e-18:
                     short.append(f"{s.modality}: δ {delta_left:.3g} left of {s.budget_delta:g}")
             if short:
                 raise PrivacyError(
-                    f"run refused: it would spend ε = {epsilon:.4g}, δ = {delta:g} on "
+                    f"run refused: it would spend ε = {max(plan.values()):.4g}, δ = {delta:g} on "
                     f"{dataset} ({', '.join(modalities)}), more than the remaining budget ("
                     + "; ".join(short)
                     + "). Lower the run's ε or rounds, or raise the budget with "
                     "`mmshield budget set`"
                 )
             db.execute(
-                "INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?, 'running', ?, ?, ?)",
+                "INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?, 'running', ?, ?, ?, ?)",
                 (
                     run_id,
                     dataset,
                     json.dumps(sorted(modalities)),
-                    epsilon,
+                    max(plan.values(), default=0.0),
                     delta,
                     json.dumps(mechanism),
                     os.getpid(),
                     os.uname().nodename,
                     time.time(),
+                    json.dumps(plan),
                 ),
             )
 
-    def charge(self, run_id: str, round: int, epsilon: float, delta: float) -> None:
-        """Record the run's cumulative spend after ``round`` (one transaction)."""
+    def charge(
+        self, run_id: str, round: int, epsilon: float | Mapping[str, float], delta: float
+    ) -> None:
+        """Record the run's cumulative spend after ``round`` (one transaction).
+
+        ``epsilon`` is one figure for all the run's modalities or a ``modality -> ε`` mapping.
+        """
+        rows = (
+            {ANY_MODALITY: float(epsilon)}
+            if isinstance(epsilon, int | float)
+            else {m: float(e) for m, e in epsilon.items()}
+        )
+        now = time.time()
         with self._tx() as db:
-            db.execute(
-                "INSERT OR REPLACE INTO charges VALUES (?, ?, ?, ?, ?)",
-                (run_id, round, epsilon, delta, time.time()),
+            db.executemany(
+                "INSERT OR REPLACE INTO charges VALUES (?, ?, ?, ?, ?, ?)",
+                [(run_id, round, m, e, delta, now) for m, e in rows.items()],
             )
 
     def close_run(self, run_id: str, status: str = "finished") -> None:
@@ -244,29 +299,37 @@ class PrivacyLedger:
             db.execute("UPDATE runs SET status = ? WHERE run_id = ?", (status, run_id))
 
     def history(self, dataset: str | None = None) -> list[dict[str, object]]:
-        """Every run with its final charge, newest first."""
+        """Every run with its final charge (the largest over its modalities), newest first."""
         with self._tx() as db:
             rows = db.execute(
                 "SELECT r.run_id, r.dataset, r.modalities, r.status, r.planned_epsilon, "
-                "(SELECT epsilon FROM charges c WHERE c.run_id = r.run_id "
-                " ORDER BY round DESC LIMIT 1), "
-                "(SELECT COUNT(*) FROM charges c WHERE c.run_id = r.run_id), r.mechanism "
-                "FROM runs r WHERE (? IS NULL OR r.dataset = ?) ORDER BY r.created_at DESC",
+                "(SELECT json_group_object(modality, epsilon) FROM charges c "
+                " WHERE c.run_id = r.run_id AND c.round = "
+                " (SELECT MAX(round) FROM charges c2 WHERE c2.run_id = r.run_id)), "
+                "(SELECT COUNT(DISTINCT round) FROM charges c WHERE c.run_id = r.run_id), "
+                "r.mechanism FROM runs r WHERE (? IS NULL OR r.dataset = ?) "
+                "ORDER BY r.created_at DESC",
                 (dataset, dataset),
             ).fetchall()
-        return [
-            {
-                "run_id": r[0],
-                "dataset": r[1],
-                "modalities": json.loads(r[2]),
-                "status": r[3],
-                "planned_epsilon": r[4],
-                "spent_epsilon": r[5] or 0.0,
-                "rounds_charged": r[6],
-                "mechanism": json.loads(r[7]),
-            }
-            for r in rows
-        ]
+        out: list[dict[str, object]] = []
+        for r in rows:
+            mods = json.loads(r[2])
+            last = json.loads(r[5]) if r[5] else {}
+            by_modality = {m: float(last.get(m, last.get(ANY_MODALITY, 0.0))) for m in mods}
+            out.append(
+                {
+                    "run_id": r[0],
+                    "dataset": r[1],
+                    "modalities": mods,
+                    "status": r[3],
+                    "planned_epsilon": r[4],
+                    "spent_epsilon": max(by_modality.values(), default=0.0),
+                    "spent_by_modality": by_modality,
+                    "rounds_charged": r[6],
+                    "mechanism": json.loads(r[7]),
+                }
+            )
+        return out
 
     def datasets(self) -> list[str]:
         """Datasets with a budget or a run."""

@@ -287,19 +287,30 @@ def _plot_systems(metrics: Mapping[str, list[tuple[int, float]]]) -> _Plot | Non
 def _plot_epsilon(
     metrics: Mapping[str, list[tuple[int, float]]], summary: Mapping[str, Any]
 ) -> _Plot | None:
-    """Cumulative ε after each round (the ledger's charges), with the run's final ε."""
+    """Cumulative ε after each round (the ledger's charges), with the run's final ε.
+
+    Runs whose phases read different modalities get one line per modality.
+    """
     from matplotlib.ticker import MaxNLocator
 
     points = metrics.get("epsilon") or []
     if not points:
         return None
     final = _number(summary.get("epsilon"))
+    per_modality = {
+        k.split("/", 1)[1]: v for k, v in sorted(metrics.items()) if k.startswith("epsilon/")
+    }
+    distinct = len({tuple(v) for v in per_modality.values()}) > 1
+    lines = per_modality if distinct else {"ε spent": points}
     with _rc():
         fig = _figure(7.0, 3.2)
         ax = fig.subplots()
         marker = "o" if len(points) <= 40 else None
-        xs, ys = [r for r, _ in points], [v for _, v in points]
-        ax.plot(xs, ys, color=_PALETTE[0], linewidth=2, marker=marker, label="ε spent")
+        for i, (label, series) in enumerate(lines.items()):
+            xs, ys = [r for r, _ in series], [v for _, v in series]
+            ax.plot(
+                xs, ys, color=_PALETTE[i % len(_PALETTE)], linewidth=2, marker=marker, label=label
+            )
         if final is not None:
             ax.axhline(final, color="grey", linestyle="--", label=f"final ε = {final:.3g}")
         ax.set_title("Privacy spent (cumulative ε after each round)")
@@ -556,6 +567,34 @@ def _protected_paragraph(summary: Mapping[str, Any]) -> str:
     return out
 
 
+def _privacy_split_table(summary: Mapping[str, Any]) -> str:
+    """The privacy budget's split over training phases and modalities (sample-level DP)."""
+    split = summary.get("privacy_split")
+    by_modality = summary.get("epsilon_by_modality")
+    if not isinstance(split, list) or not split or not isinstance(by_modality, Mapping):
+        return ""
+    rows = "".join(
+        f"<tr><td>{_esc(p.get('phase'))}</td><td class='num'>{_esc(p.get('rounds'))}</td>"
+        f"<td>{_esc(', '.join(map(str, p.get('modalities') or [])))}</td>"
+        f"<td class='num'>{_fmt_num(p.get('noise_multiplier'))}</td>"
+        f"<td>{_esc(p.get('set_by'))}</td></tr>"
+        for p in split
+        if isinstance(p, Mapping)
+    )
+    eps = "".join(
+        f"<tr><td>{_esc(m)}</td><td class='num'>{_fmt_num(e)}</td></tr>"
+        for m, e in sorted(by_modality.items())
+    )
+    return (
+        "<div class='cols'><div><h3>Noise per training phase</h3><div class='scroll'><table>"
+        "<thead><tr><th>phase</th><th class='num'>rounds</th><th>reads</th>"
+        "<th class='num'>noise multiplier</th><th>set by the budget of</th></tr></thead>"
+        f"<tbody>{rows}</tbody></table></div></div><div><h3>ε per modality</h3><table>"
+        f"<thead><tr><th>modality</th><th class='num'>ε</th></tr></thead><tbody>{eps}</tbody>"
+        "</table></div></div>"
+    )
+
+
 def _results_rows(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
     rows: list[tuple[str, str]] = []
     if "accuracy" in summary:
@@ -748,7 +787,7 @@ def render_report(store: RunStore, run_id: str, out: Path | None = None) -> Path
     sections.append(f"<section class='card'><h2>Results</h2>{results}</section>")
     sections.append(
         "<section class='card protect'><h2>What was protected</h2>"
-        f"{_protected_paragraph(summary)}</section>"
+        f"{_protected_paragraph(summary)}{_privacy_split_table(summary)}</section>"
     )
 
     progress = _figure_html(plot_curves, "No per-round accuracy or loss was logged for this run.")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -59,6 +59,8 @@ class RoundRecord:
     """The round's duration on the simulated clock (``None`` without a systems profile)."""
     staleness: float | None = None
     """Asynchronous runs: mean server steps between a contributing client's start and its use."""
+    phase: str | None = None
+    """The training phase the round belongs to (runs with ``training.phases``)."""
 
 
 @dataclass
@@ -170,6 +172,8 @@ def simulate(
     eval_every: int = 1,
     progress: bool = False,
     on_round: Callable[[RoundRecord], None] | None = None,
+    trainable: Collection[str] | None = None,
+    first_round: int = 1,
 ) -> SimulationResult:
     """Run federated training of ``model`` over the clients of ``data``.
 
@@ -202,8 +206,10 @@ def simulate(
     client_dp
         Client-level DP-FedAvg (:mod:`mmshield.privacy.client_dp`): clients join by Poisson
         sampling at rate ``client_dp.expected_clients / num_clients`` (``clients_per_round`` is
-        then only that expectation), updates are clipped and averaged uniformly with central
-        noise.
+        then only that expectation), updates are clipped and averaged uniformly; the noise is
+        added by the server, or by the clients (distributed or local placement) before their
+        updates leave them. A release the privacy budget cannot afford stops the run with a
+        :class:`~mmshield.errors.PrivacyError` before anything of that round is released.
     device
         ``"cpu"``, ``"cuda"`` or ``"auto"``.
     cohort_size
@@ -214,6 +220,12 @@ def simulate(
         Show a rich progress bar.
     on_round
         Called with each round's record (e.g. to write it to the run store).
+    trainable
+        Names of the parameters clients train, send and the server updates; the others stay
+        frozen (``None``: all of them).
+    first_round
+        Number of the first round (a later training phase continues the numbering, which also
+        keeps its sampling and shuffling seeds distinct).
 
     Returns
     -------
@@ -236,7 +248,11 @@ def simulate(
             per_sample_gradients=private is not None,
         )
     cohort_size = max(1, min(cohort_size, clients_per_round, data.num_clients))
-    n_params = sum(p.numel() for p in global_model.parameters())
+    n_params = sum(
+        p.numel()
+        for name, p in global_model.named_parameters()
+        if trainable is None or name in trainable
+    )
     model_bytes = n_params * BYTES_PER_PARAMETER
     result = SimulationResult(model=global_model, cohort_size=cohort_size)
     population = (
@@ -254,7 +270,7 @@ def simulate(
     try:
         if bar:
             bar.start()
-        for rnd in range(1, rounds + 1):
+        for rnd in range(first_round, first_round + rounds):
             t0 = time.perf_counter()
             online = population.online(rnd) if population is not None else None
             if client_dp is not None:
@@ -271,7 +287,12 @@ def simulate(
             )
             chosen = sampled if plan is None else sampled[plan.contributes]
             max_steps = None if plan is None else plan.steps[plan.contributes]
-            global_params = {k: v.detach() for k, v in global_model.named_parameters()}
+            # Frozen parameters are read from the model itself by the trainer and never sent.
+            global_params = {
+                k: v.detach()
+                for k, v in global_model.named_parameters()
+                if trainable is None or k in trainable
+            }
             acc = ModalityAwareMean(global_params)
             losses: list[torch.Tensor] = []
             for c0 in range(0, len(chosen), cohort_size):
@@ -294,7 +315,7 @@ def simulate(
                         update.modality_examples,
                     )
                 if client_dp is not None:
-                    client_dp.add(update.deltas)
+                    client_dp.add(update.deltas, update.clients)
                 else:
                     acc.add(update.deltas, update.examples, update.modality_examples)
                 losses.append(update.loss)
@@ -307,12 +328,13 @@ def simulate(
                 check_finite(new_params, f"round {rnd}")
                 with torch.no_grad():
                     for name, p in global_model.named_parameters():
-                        p.copy_(new_params[name])
+                        if name in new_params:
+                            p.copy_(new_params[name])
             # A round in which no client reported leaves the model as it was; its record
             # (clients == 0, train_loss NaN) says so.
             train_loss = float(torch.cat(losses).mean()) if losses else float("nan")
             test_loss = test_acc = None
-            if rnd % eval_every == 0 or rnd == rounds:
+            if rnd % eval_every == 0 or rnd == first_round + rounds - 1:
                 test_loss, test_acc = evaluate(global_model, data.test)
             record = RoundRecord(
                 round=rnd,
