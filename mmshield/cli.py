@@ -147,11 +147,19 @@ def cmd_budget(args: argparse.Namespace) -> int:
                 "+".join(h["modalities"]),  # type: ignore[arg-type]
                 str(h["status"]),
                 f"{h['planned_epsilon']:.4g}",
-                f"{h['spent_epsilon']:.4g}",
+                _spent_text(h["spent_by_modality"]),  # type: ignore[arg-type]
                 str(h["rounds_charged"]),
             )
     console.print(history)
     return 0
+
+
+def _spent_text(by_modality: dict[str, float]) -> str:
+    """One figure when every modality spent the same, else ``modality ε`` pairs."""
+    values = set(by_modality.values())
+    if len(values) <= 1:
+        return f"{next(iter(values), 0.0):.4g}"
+    return ", ".join(f"{m} {e:.4g}" for m, e in sorted(by_modality.items()))
 
 
 def cmd_embed(args: argparse.Namespace) -> int:

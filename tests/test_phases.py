@@ -149,3 +149,21 @@ def test_a_phased_dp_run_charges_each_modality_what_it_read(tmp_path: Path) -> N
     html = outcome.report_path.read_text()
     assert "Noise per training phase" in html and "audio-warm-up" in html
     assert 'data-plot="epsilon"' in html
+
+
+def test_the_shipped_phased_config_plans_within_its_budgets() -> None:
+    from importlib import resources
+
+    from mmshield.api import plan_privacy
+    from mmshield.config import load_config
+
+    path = resources.files("mmshield") / "configs" / "phased-dp.yaml"
+    cfg = load_config(str(path))
+    plan = plan_privacy(build_job(cfg))
+    budgets = cfg.privacy.sample_level.epsilon  # type: ignore[union-attr]
+    assert isinstance(budgets, dict) and plan.epsilon_by_modality is not None
+    for m, e in plan.epsilon_by_modality.items():
+        assert e <= budgets[m] + 1e-9
+    warm, fused = plan.phase_split
+    assert warm["set_by"] == "audio" and fused["set_by"] in ("image", "text")
+    assert warm["noise_multiplier"] < fused["noise_multiplier"]
