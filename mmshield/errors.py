@@ -52,3 +52,8 @@ class StoreError(MMShieldError):
 class PrivacyError(MMShieldError):
     """A privacy guarantee cannot be given as asked: an unreachable ε, an unaccountable sampling
     scheme, or an exhausted budget."""
+
+
+class SecAggError(MMShieldError):
+    """Secure aggregation could not proceed: a refused request, a tampered share, too many
+    dropouts or an unsafe configuration (the message names the client, the phase and the fix)."""
