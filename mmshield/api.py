@@ -58,6 +58,7 @@ from mmshield.privacy.noise import NoiseSource
 from mmshield.privacy.planner import PhaseNeeds, modality_epsilon, plan_phase_noise
 from mmshield.privacy.planner import candidates as planner_candidates
 from mmshield.runtime.asynchronous import simulate_buffered
+from mmshield.runtime.secure_sum import SecureRound, SecureSum
 from mmshield.runtime.simulation import RoundRecord, SimulationResult, simulate
 from mmshield.runtime.systems import Distribution, SystemsProfile
 
@@ -647,6 +648,13 @@ def simulate_job(
         beta_2=srv.beta_2,
         tau=srv.tau,
     )
+    secure = None
+    if config.secure_aggregation is not None:
+        sa = config.secure_aggregation
+        secure = SecureSum(
+            sa.protocol, sa.bits, sa.clip_range, sa.dropout, sa.collusion, sa.failure_bits
+        )
+        secure.check(job.clients_per_round)  # overflow or intolerable dropout: refuse up front
     common: dict[str, Any] = {
         "training": job.training,
         "seed": job.seed,
@@ -658,8 +666,10 @@ def simulate_job(
         "eval_every": config.training.eval_every,
         "progress": progress,
         "on_round": on_round,
+        "secure": secure,
     }
     if srv.strategy == "fedbuff":
+        common.pop("secure")  # refused with FedBuff by the config
         if privacy.mechanism is not None:
             raise ConfigError("privacy.sample_level is not supported with server.strategy fedbuff")
         return simulate_buffered(
@@ -708,6 +718,49 @@ def simulate_job(
         wall += part.wall_seconds
         cohort = max(cohort, part.cohort_size)
     return SimulationResult(model=model, history=history, wall_seconds=wall, cohort_size=cohort)
+
+
+def _secure_summary(config: RunConfig, rounds: list[SecureRound]) -> dict[str, Any] | None:
+    sa = config.secure_aggregation
+    if sa is None:
+        return None
+    return {
+        "protocol": sa.protocol,
+        "bits": sa.bits,
+        "clip_range": sa.clip_range,
+        "tolerated_dropout": sa.dropout,
+        "tolerated_collusion": sa.collusion,
+        "rounds": len(rounds),
+        "clients_per_round": [r.invited for r in rounds],
+        "k": [r.k for r in rounds],
+        "t": [r.t for r in rounds],
+        "dropped_per_round": [r.dropped for r in rounds],
+        "clipped_values": sum(r.clipped_values for r in rounds),
+        "protocol_seconds": sum(r.seconds for r in rounds),
+        "failed_rounds": [r.failure for r in rounds if r.failure is not None],
+    }
+
+
+def _secure_statement(config: RunConfig, rounds: list[SecureRound]) -> str:
+    sa = config.secure_aggregation
+    assert sa is not None
+    name = "SecAgg+ (sparse neighbour graph)" if sa.protocol == "secagg+" else "SecAgg"
+    ks = sorted({r.k for r in rounds})
+    ts = sorted({r.t for r in rounds})
+    dropped = sum(r.dropped for r in rounds if r.failure is None)
+    clipped = sum(r.clipped_values for r in rounds)
+    failed = sum(r.failure is not None for r in rounds)
+    return (
+        f"secure aggregation: {name} in every round ({len(rounds)} rounds, k = "
+        f"{'/'.join(map(str, ks)) or '-'} neighbours, threshold t = "
+        f"{'/'.join(map(str, ts)) or '-'}; X25519, AES-GCM shares, AES-CTR masks, "
+        f"{sa.bits}-bit sums): the server saw only each round's sum of updates; "
+        f"{dropped} client dropout(s) recovered"
+        + (f", {failed} round(s) released nothing (too many dropouts)" if failed else "")
+        + f"; {clipped} update value(s) outside "
+        f"±{sa.clip_range:g} clipped before encoding; tolerates dropout {sa.dropout:g} and a "
+        f"colluding fraction {sa.collusion:g}"
+    )
 
 
 def systems_profile(config: SystemsConfig | None) -> SystemsProfile | None:
@@ -781,6 +834,7 @@ def run(
         (info.run_dir / "partition.json").write_text(json.dumps(partition_summary(job)))
 
         clock = [0.0]
+        secure_rounds: list[SecureRound] = []
 
         def log(record: RoundRecord) -> None:
             metrics = {
@@ -797,6 +851,18 @@ def run(
                 }
             if record.test_accuracy is not None and record.test_loss is not None:
                 metrics |= {"test_accuracy": record.test_accuracy, "test_loss": record.test_loss}
+            if record.secure is not None:
+                sec = record.secure
+                metrics |= {
+                    "secagg_invited": float(sec.invited),
+                    "secagg_dropped": float(sec.dropped),
+                    "secagg_k": float(sec.k),
+                    "secagg_t": float(sec.t),
+                    "secagg_clipped_values": float(sec.clipped_values),
+                    "secagg_seconds": sec.seconds,
+                    "secagg_failed": float(sec.failure is not None),
+                }
+                secure_rounds.append(sec)
             if ledger is not None and privacy.delta is not None:
                 spent = privacy.epsilon_after(record.round, job.rounds)
                 by_modality = privacy.epsilon_by_modality_after(record.round)
@@ -865,6 +931,7 @@ def run(
                 for ph in job.phases
             ],
             "privacy_split": privacy.phase_split,
+            "secure_aggregation": _secure_summary(config, secure_rounds),
             "wall_seconds": time.perf_counter() - start,
             "training_seconds": result.wall_seconds,
             "simulated_seconds": result.simulated_seconds,
@@ -878,6 +945,11 @@ def run(
             "protections": [
                 "federated learning: raw records never left their client",
                 *([privacy.statement] if privacy.statement else []),
+                *(
+                    [_secure_statement(config, secure_rounds)]
+                    if config.secure_aggregation is not None
+                    else []
+                ),
             ],
             "notes": job.notes,
             "mmshield_version": __version__,

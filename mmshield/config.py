@@ -113,9 +113,7 @@ class TrainingConfig(_Strict):
         phases = data.get("phases") if isinstance(data, dict) else None
         if isinstance(phases, list) and "rounds" not in data:
             try:
-                rounds = sum(
-                    int(p["rounds"] if isinstance(p, dict) else p.rounds) for p in phases
-                )
+                rounds = sum(int(p["rounds"] if isinstance(p, dict) else p.rounds) for p in phases)
             except (KeyError, TypeError, ValueError, AttributeError):
                 return data  # the field validators name what is wrong
             return {**data, "rounds": rounds}
@@ -316,6 +314,27 @@ class PrivacyConfig(_Strict):
     )
 
 
+class SecureAggregationConfig(_Strict):
+    """Secure aggregation (SecAgg+): the server learns only the sum of each round's updates."""
+
+    protocol: Literal["secagg+", "secagg"] = Field(
+        default="secagg+", description="secagg+: sparse neighbour graph; secagg: complete graph"
+    )
+    bits: int = Field(default=32, ge=8, le=64, description="sums are computed mod 2^bits")
+    clip_range: float = Field(
+        default=1.0, gt=0, description="update values are encoded in [-c, c]; outside: clipped"
+    )
+    dropout: float = Field(default=0.1, ge=0, lt=1, description="dropout rate to tolerate")
+    collusion: float = Field(
+        default=0.0, ge=0, lt=0.5, description="fraction of clients that may collude"
+    )
+    failure_bits: float = Field(
+        default=10.0,
+        gt=0,
+        description="at the declared dropout a round fails with probability <= 2^-failure_bits",
+    )
+
+
 class SimulationConfig(_Strict):
     """Where and how the simulator runs."""
 
@@ -339,6 +358,9 @@ class RunConfig(_Strict):
         default=None, description="client speeds, availability, dropouts (None: ideal clients)"
     )
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    secure_aggregation: SecureAggregationConfig | None = Field(
+        default=None, description="SecAgg+ for every round's sum (None: plaintext sums)"
+    )
 
     @model_validator(mode="after")
     def _sound_combinations(self) -> RunConfig:
@@ -359,6 +381,32 @@ class RunConfig(_Strict):
                 "privacy.sample_level with server.strategy 'fedbuff' is refused: an asynchronous "
                 "client may train more often than once per server step, which the record-level "
                 "accounting (one local training per round) does not cover"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _secure_aggregation_sound(self) -> RunConfig:
+        if self.secure_aggregation is None:
+            return self
+        if self.server.strategy in ("fedbuff", "scaffold"):
+            why = (
+                "FedBuff applies each client's update on its own as it arrives"
+                if self.server.strategy == "fedbuff"
+                else "SCAFFOLD's control variates would be sent outside the secure sum"
+            )
+            raise ValueError(
+                f"secure_aggregation with server.strategy {self.server.strategy!r} is refused: "
+                f"{why}; use fedavg, fedavgm, fedadam, fedyogi or fedadagrad"
+            )
+        if self.privacy.client_level is not None:
+            raise ValueError(
+                "secure_aggregation with privacy.client_level is not supported yet (its clipped "
+                "updates and clipped counts are summed in the clear); use privacy.sample_level"
+            )
+        if self.training.clients_per_round is not None and self.training.clients_per_round < 2:
+            raise ValueError(
+                "secure_aggregation needs training.clients_per_round >= 2: the sum of one "
+                "client's update is that update"
             )
         return self
 

@@ -16,6 +16,17 @@ import torch
 from mmshield.models.model import modality_of_parameter
 
 
+def _weight_of(
+    name: str, examples: torch.Tensor, modality_examples: Mapping[str, torch.Tensor]
+) -> torch.Tensor:
+    """A parameter's aggregation weight per client: records holding its encoder's modality."""
+    modality = modality_of_parameter(name)
+    if modality is not None and modality in modality_examples:
+        # An encoder learns only from the records that hold its modality.
+        return modality_examples[modality]
+    return examples
+
+
 class ModalityAwareMean:
     """Weighted mean of client deltas; an encoder's weights count only records holding its modality.
 
@@ -58,15 +69,44 @@ class ModalityAwareMean:
         """
         self.clients += int(examples.shape[0])
         for name, delta in deltas.items():
-            modality = modality_of_parameter(name)
-            w = examples.to(delta.dtype)
-            if modality is not None and modality in modality_examples:
-                # An encoder learns only from the records that hold its modality.
-                w = modality_examples[modality].to(delta.dtype)
+            w = _weight_of(name, examples, modality_examples).to(delta.dtype)
             self._weight[name] += w.sum()
             if discount is not None:
                 w = w * discount.to(delta.dtype)
             self._sum[name] += torch.tensordot(w, delta, dims=1)
+
+    @staticmethod
+    def contributions(
+        deltas: Mapping[str, torch.Tensor],
+        examples: torch.Tensor,
+        modality_examples: Mapping[str, torch.Tensor],
+        discount: torch.Tensor | None = None,
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Each client's share of the sums (arguments as :meth:`add`), before they are added.
+
+        Returns ``name -> (K, *shape)`` weighted deltas and ``name -> (K,)`` weights: what a
+        secure aggregation protocol sums on the server's behalf.
+        """
+        weighted, weights = {}, {}
+        for name, delta in deltas.items():
+            w = _weight_of(name, examples, modality_examples).to(delta.dtype)
+            weights[name] = w
+            if discount is not None:
+                w = w * discount.to(delta.dtype)
+            weighted[name] = delta * w.view(-1, *[1] * (delta.dim() - 1))
+        return weighted, weights
+
+    def add_sums(
+        self,
+        weighted_sum: Mapping[str, torch.Tensor],
+        weight_sum: Mapping[str, torch.Tensor],
+        clients: int,
+    ) -> None:
+        """Add already summed contributions of ``clients`` clients (see :meth:`contributions`)."""
+        self.clients += clients
+        for name, total in weighted_sum.items():
+            self._sum[name] += total.to(self._sum[name].dtype)
+            self._weight[name] += weight_sum[name].to(self._weight[name].dtype)
 
     def mean(self) -> dict[str, torch.Tensor]:
         """Weighted mean delta of every parameter that at least one client could update.

@@ -32,6 +32,7 @@ from mmshield.fl.strategy import ServerOptimizer
 from mmshield.models.model import MultimodalModel
 from mmshield.privacy.client_dp import ClientLevelDP, poisson_clients
 from mmshield.privacy.dpsgd import DPSGD, poisson_schedules
+from mmshield.runtime.secure_sum import SecureRound, SecureSum
 from mmshield.runtime.systems import ClientSystems, SystemsProfile, steps_per_epoch
 
 BYTES_PER_PARAMETER = 4  # float32 on the wire
@@ -61,6 +62,8 @@ class RoundRecord:
     """Asynchronous runs: mean server steps between a contributing client's start and its use."""
     phase: str | None = None
     """The training phase the round belongs to (runs with ``training.phases``)."""
+    secure: SecureRound | None = None
+    """What secure aggregation did this round (``None``: it was off, or fewer than 2 clients)."""
 
 
 @dataclass
@@ -174,6 +177,7 @@ def simulate(
     on_round: Callable[[RoundRecord], None] | None = None,
     trainable: Collection[str] | None = None,
     first_round: int = 1,
+    secure: SecureSum | None = None,
 ) -> SimulationResult:
     """Run federated training of ``model`` over the clients of ``data``.
 
@@ -226,6 +230,10 @@ def simulate(
     first_round
         Number of the first round (a later training phase continues the numbering, which also
         keeps its sampling and shuffling seeds distinct).
+    secure
+        Secure aggregation (:mod:`mmshield.runtime.secure_sum`): every round's sum of weighted
+        updates, weights and losses is computed by the SecAgg+ protocol; sampled clients that
+        drop out go silent after sharing their keys.
 
     Returns
     -------
@@ -259,6 +267,9 @@ def simulate(
         ClientSystems(systems, data.num_clients, seed, model_bytes) if systems is not None else None
     )
     per_epoch = steps_per_epoch(sizes, training.batch_size)
+    # Under secure aggregation clients send weight/scale and weight/scale * delta, so every value
+    # stays within the encoder's range when |delta| does (the largest client size is public).
+    weight_scale = float(max(int(sizes.max(initial=1)), 1))
     controls = (
         Scaffold({k: v.detach() for k, v in global_model.named_parameters()}, data.num_clients)
         if scaffold
@@ -295,6 +306,7 @@ def simulate(
             }
             acc = ModalityAwareMean(global_params)
             losses: list[torch.Tensor] = []
+            protected: dict[int, np.ndarray] = {}
             for c0 in range(0, len(chosen), cohort_size):
                 cohort = chosen[c0 : c0 + cohort_size]
                 update = trainer.train(
@@ -316,9 +328,28 @@ def simulate(
                     )
                 if client_dp is not None:
                     client_dp.add(update.deltas, update.clients)
+                elif secure is not None:
+                    protected.update(_contributions(update, weight_scale))
                 else:
                     acc.add(update.deltas, update.examples, update.modality_examples)
                 losses.append(update.loss)
+            secure_round = None
+            if secure is not None:
+                out = secure.sum(
+                    protected,
+                    [int(c) for c in sampled if int(c) not in protected],
+                    f"round {rnd}",
+                )
+                if out is not None:
+                    secure_round = out[2]
+                total = None if out is None else out[0]
+                if out is None or total is None:
+                    # Fewer than two clients, or too many dropouts: nothing is released.
+                    chosen, losses = chosen[:0], []
+                else:
+                    included = out[1]
+                    chosen = np.asarray(included, dtype=np.int64)
+                    losses = [_add_secure_sum(acc, global_params, total, len(included))]
             # Under client-level DP every round releases a noisy mean, even an empty one.
             if len(chosen) or client_dp is not None:
                 if controls is not None:
@@ -343,14 +374,18 @@ def simulate(
                 test_loss=test_loss,
                 test_accuracy=test_acc,
                 seconds=time.perf_counter() - t0,
-                bytes_up=len(chosen) * model_bytes,
-                bytes_down=len(sampled) * model_bytes,
+                bytes_up=(
+                    len(chosen) * model_bytes if secure_round is None else secure_round.bytes_up
+                ),
+                bytes_down=len(sampled) * model_bytes
+                + (0 if secure_round is None else secure_round.bytes_down),
                 sampled=len(sampled),
                 dropped=0 if plan is None else int(plan.dropped.sum()),
                 partial=0 if plan is None else int(plan.partial.sum()),
                 simulated_seconds=(
                     None if population is None or plan is None else population.round_seconds(plan)
                 ),
+                secure=secure_round,
             )
             result.history.append(record)
             if on_round is not None:
@@ -522,6 +557,35 @@ class CohortTrainer:
             modality_examples=modality_examples,
             steps=((weight.sum(2) > 0).sum(1) if steps_np is None else torch.from_numpy(steps_np)),
         )
+
+
+def _contributions(update: CohortUpdate, weight_scale: float) -> dict[int, np.ndarray]:
+    """Each client's vector for the secure sum: weighted deltas, weights, then its loss."""
+    weighted, weights = ModalityAwareMean.contributions(
+        update.deltas,
+        update.examples / weight_scale,
+        {m: v / weight_scale for m, v in update.modality_examples.items()},
+    )
+    k = int(update.examples.shape[0])
+    parts = [v.reshape(k, -1) for v in weighted.values()]
+    parts += [torch.stack(list(weights.values()), 1), update.loss.to(parts[0]).view(k, 1)]
+    rows = torch.cat([p.to(torch.float64).cpu() for p in parts], 1).numpy()
+    return {int(c): rows[i] for i, c in enumerate(update.clients)}
+
+
+def _add_secure_sum(
+    acc: ModalityAwareMean, template: dict[str, torch.Tensor], total: np.ndarray, clients: int
+) -> torch.Tensor:
+    """Unflatten a secure sum (layout of :func:`_contributions`) into ``acc``; return the mean
+    loss as a one-element tensor."""
+    flat = torch.from_numpy(total)
+    sums, offset = {}, 0
+    for name, t in template.items():
+        sums[name] = flat[offset : offset + t.numel()].view(t.shape).to(t)
+        offset += t.numel()
+    weights = {name: flat[offset + i] for i, name in enumerate(template)}
+    acc.add_sums(sums, weights, clients)
+    return (flat[-1:] / max(clients, 1)).float()
 
 
 def _check_cohort_finite(deltas: dict[str, torch.Tensor], cohort: np.ndarray, where: str) -> None:
