@@ -381,6 +381,26 @@ def test_out_of_range_values_are_counted_and_extremes_sum_exactly() -> None:
         enc.decode(total, n + 1)
 
 
+@pytest.mark.parametrize("bits", [20, 32, 40])
+def test_float32_updates_encode_exactly_as_their_float64_values(bits: int) -> None:
+    enc = FixedPointEncoder(bits=bits, clip_range=1.0, num_clients=30)
+    rng = np.random.default_rng(bits)
+    x = (rng.normal(0, 0.5, 5000) * rng.choice([0.001, 1.0, 4.0], 5000)).astype(np.float32)
+    x[:4] = [1.0, -1.0, np.nextafter(np.float32(1.0), np.float32(2.0)), 2.0**-140]
+    a, b = enc.encode(x), enc.encode(x.astype(np.float64))
+    assert a.clipped == b.clipped > 0
+    assert a.values.dtype == b.values.dtype and np.array_equal(a.values, b.values)
+    inside = np.clip(x, -0.9, 0.9)
+    a, b = enc.encode(inside), enc.encode(inside.astype(np.float64))
+    assert a.clipped == b.clipped == 0 and np.array_equal(a.values, b.values)
+    # a clip range that float32 cannot hold exactly takes the float64 route: still identical
+    enc = FixedPointEncoder(bits=bits, clip_range=0.1, num_clients=30)
+    a, b = enc.encode(x), enc.encode(x.astype(np.float64))
+    assert a.clipped == b.clipped and np.array_equal(a.values, b.values)
+    with pytest.raises(SecAggError, match="non-finite"):
+        enc.encode(np.array([0.0, np.inf], dtype=np.float32))
+
+
 # -------------------------------------------------------------------------------- k, t, graph
 
 
@@ -504,3 +524,19 @@ def test_prg_is_aes_ctr_and_reduced_mod_2_bits() -> None:
     acc = np.zeros(100, dtype=np.uint32)
     exp.add_many(acc, [seed, seed, bytes(32)], [1, -1, 1])
     assert np.array_equal(acc, expand(bytes(32), 100, 32))
+    # longer than one keystream chunk (256 KiB) and not a whole number of chunks or blocks
+    for dim, bits, word in ((150_001, 32, "<u4"), (40_003, 64, "<u8")):
+        nbytes = dim * np.dtype(word).itemsize
+        ref = (
+            Cipher(algorithms.AES(seed[:16]), modes.CTR(seed[16:]))
+            .encryptor()
+            .update(bytes(nbytes))
+        )
+        stream = np.frombuffer(ref, word)
+        assert np.array_equal(expand(seed, dim, bits), stream)
+        exp = MaskExpander(dim, bits)
+        x = np.arange(dim, dtype=stream.dtype)
+        assert np.array_equal(exp.masked(x, seed), x + stream)
+        acc = x.copy()
+        exp.add(acc, seed, -1)
+        assert np.array_equal(acc, x - stream)

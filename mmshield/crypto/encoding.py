@@ -106,6 +106,16 @@ class FixedPointEncoder:
                 "clip range, so every value would encode to 0. Use more bits, fewer clients per "
                 "aggregate or a larger clip_range."
             )
+        # float32 input may be encoded in float32 arithmetic with the very same result: scaling
+        # by a power of two is exact, the clip bound is a float32 value, and every rounded
+        # value fits in int32 (|q| <= q_max < 2^31 when bits <= 32).
+        mantissa, exponent = math.frexp(self.scale)
+        self._float32_exact = (
+            bits <= 32
+            and mantissa == 0.5
+            and -100 < exponent < 100
+            and float(np.float32(self.clip_range)) == self.clip_range
+        )
 
     def _overflow_message(self, scale: float, limit: int) -> str:
         n, c = self.num_clients, self.clip_range
@@ -159,17 +169,33 @@ class FixedPointEncoder:
         SecAggError
             If ``x`` holds NaN or infinite values.
         """
-        v = np.asarray(x, dtype=np.float64).ravel()
-        finite = np.isfinite(v)
-        if not finite.all():
-            bad = int((~finite).sum())
-            raise SecAggError(
-                f"cannot encode an update with {bad} non-finite value(s) (first at index "
-                f"{int(np.argmin(finite))}); check the client's training for divergence"
-            )
+        v = np.asarray(x).ravel()
+        single = v.dtype == np.float32 and self._float32_exact
+        if not single:
+            v = v.astype(np.float64, copy=False)
         c = self.clip_range
-        clipped = int(np.count_nonzero((v < -c) | (v > c)))
-        q = np.rint(np.clip(v, -c, c) * self.scale).astype(np.int64)
+        clipped = 0
+        # min/max are NaN when a NaN is present, so one check covers range and finiteness.
+        if v.size and not (-c <= float(v.min()) and float(v.max()) <= c):
+            finite = np.isfinite(v)
+            if not finite.all():
+                bad = int((~finite).sum())
+                raise SecAggError(
+                    f"cannot encode an update with {bad} non-finite value(s) (first at index "
+                    f"{int(np.argmin(finite))}); check the client's training for divergence"
+                )
+            clipped = int(np.count_nonzero((v < -c) | (v > c)))
+            scaled = np.clip(v, -c, c)
+            scaled *= self.scale
+        else:
+            scaled = v * self.scale
+        np.rint(scaled, out=scaled)
+        if single:
+            words = scaled.astype(np.int32).view(np.uint32)
+            if self.bits < 32:
+                words &= np.uint32((1 << self.bits) - 1)
+            return EncodedUpdate(words, clipped)
+        q = scaled.astype(np.int64)
         if self.bits == 64:
             return EncodedUpdate(q.view(np.uint64), clipped)
         values = (q & ((1 << self.bits) - 1)).astype(self.dtype)

@@ -159,9 +159,13 @@ class TooManyDropoutsError(SecAggError):
 # ------------------------------------------------------------------------------- serialisation
 
 
+_U32 = struct.Struct("<I")
+_PAIR = struct.Struct("<II")
+
+
 class _Writer:
     def __init__(self) -> None:
-        self.parts: list[bytes] = []
+        self.parts: list[bytes | memoryview] = []
 
     def u8(self, v: int) -> None:
         self.parts.append(struct.pack("<B", v))
@@ -180,9 +184,11 @@ class _Writer:
 
     def blobs(self, mapping: Mapping[int, bytes]) -> None:
         self.u32(len(mapping))
+        parts = self.parts
         for k in sorted(mapping):
-            self.u32(k)
-            self.blob(mapping[k])
+            b = mapping[k]
+            parts.append(_PAIR.pack(k, len(b)))
+            parts.append(b)
 
     def getvalue(self) -> bytes:
         return b"".join(self.parts)
@@ -204,7 +210,11 @@ class _Reader:
         return int(self._take(1)[0])
 
     def u32(self) -> int:
-        return int(struct.unpack("<I", self._take(4))[0])
+        if self.pos + 4 > len(self.data):
+            raise ProtocolError("secure-aggregation message is truncated")
+        (v,) = _U32.unpack_from(self.data, self.pos)
+        self.pos += 4
+        return int(v)
 
     def blob(self) -> bytes:
         return bytes(self._take(self.u32()))
@@ -215,11 +225,21 @@ class _Reader:
 
     def blobs(self) -> dict[int, bytes]:
         out: dict[int, bytes] = {}
-        for _ in range(self.u32()):
-            k = self.u32()
+        data, end = self.data, len(self.data)
+        count = self.u32()
+        pos = self.pos
+        for _ in range(count):
+            if pos + 8 > end:
+                raise ProtocolError("secure-aggregation message is truncated")
+            k, n = _PAIR.unpack_from(data, pos)
+            pos += 8
+            if pos + n > end:
+                raise ProtocolError("secure-aggregation message is truncated")
             if k in out:
                 raise ProtocolError(f"secure-aggregation message repeats client {k}")
-            out[k] = self.blob()
+            out[k] = bytes(data[pos : pos + n])
+            pos += n
+        self.pos = pos
         return out
 
     def done(self) -> None:
@@ -337,7 +357,9 @@ class MaskedInput(_Message):
         if self.masked.dtype.kind != "u" or size not in (4, 8):
             raise ProtocolError(f"masked input must be uint32 or uint64, got {self.masked.dtype}")
         w.u8(size)
-        w.blob(np.ascontiguousarray(self.masked, dtype=f"<u{size}").tobytes())
+        words = np.ascontiguousarray(self.masked, dtype=f"<u{size}")
+        w.u32(words.nbytes)
+        w.parts.append(words.data.cast("B"))  # copied once, by getvalue()
 
 
 @dataclass(frozen=True)
@@ -452,16 +474,6 @@ def _aad(round_id: bytes, sender: int, receiver: int) -> bytes:
     return _MAGIC + b"share" + round_id + struct.pack("<II", sender, receiver)
 
 
-def _share_to_bytes(share: np.ndarray) -> bytes:
-    return np.asarray(share, dtype="<u4").tobytes()
-
-
-def _share_from_bytes(data: bytes, who: str) -> np.ndarray:
-    if len(data) != 4 * _SECRET_ELEMS:
-        raise ProtocolError(f"{who}: a share must be {4 * _SECRET_ELEMS} bytes, got {len(data)}")
-    return np.frombuffer(data, dtype="<u4").astype(np.int64)
-
-
 def _check_ids(ids: Iterable[int], what: str) -> None:
     for i in ids:
         if not 0 <= i <= _MAX_ID:
@@ -561,10 +573,9 @@ class SecAggClient:
         self.neighbours = frozenset(nb)
         self._c_key = X25519PrivateKey.generate()
         self._s_key = X25519PrivateKey.generate()
+        self._c_public, self._s_public = _raw_public(self._c_key), _raw_public(self._s_key)
         self._state = _ClientState.ADVERTISED
-        return AdvertiseKeys(
-            self.round_id, self.client_id, _raw_public(self._c_key), _raw_public(self._s_key)
-        )
+        return AdvertiseKeys(self.round_id, self.client_id, self._c_public, self._s_public)
 
     # -- phase 2
     def on_keys(self, msg: KeyBroadcast) -> ShareKeys:
@@ -580,7 +591,7 @@ class SecAggClient:
             raise TooManyDropoutsError(
                 me, Phase.ADVERTISE_KEYS, len(msg.keys), self.threshold, "has"
             )
-        seen = {_raw_public(self._c_key), _raw_public(self._s_key)}
+        seen = {self._c_public, self._s_public}
         for v, (c_pk, s_pk) in msg.keys.items():
             if len(c_pk) != _KEY_BYTES or len(s_pk) != _KEY_BYTES or c_pk == s_pk:
                 raise ProtocolError(f"client {me}: neighbour {v}'s public keys are malformed")
@@ -594,19 +605,19 @@ class SecAggClient:
         shares = shamir.split_bytes(
             [self._b_seed, _raw_private(self._s_key)], points, self.threshold
         )
+        # One little-endian row per holder: its share of b_u, then its share of s_u.
+        rows = shares.astype("<u4").reshape(len(holders), -1)
+        nonces = os.urandom(_NONCE_BYTES * len(holders))
+        c_key, round_id = self._c_key, self.round_id
         cts: dict[int, bytes] = {}
         self._enc_keys: dict[int, bytes] = {}
         for j, v in enumerate(holders):
-            shared = self._c_key.exchange(X25519PublicKey.from_public_bytes(msg.keys[v][0]))
-            key = _kdf(shared, self.round_id, b"share-encryption", me, v)
+            shared = c_key.exchange(X25519PublicKey.from_public_bytes(msg.keys[v][0]))
+            key = _kdf(shared, round_id, b"share-encryption", me, v)
             self._enc_keys[v] = key  # symmetric: also decrypts v's shares to this client
-            plaintext = (
-                struct.pack("<II", me, v)
-                + _share_to_bytes(shares[j, 0])
-                + _share_to_bytes(shares[j, 1])
-            )
-            nonce = os.urandom(_NONCE_BYTES)
-            cts[v] = nonce + AESGCM(key).encrypt(nonce, plaintext, _aad(self.round_id, me, v))
+            plaintext = struct.pack("<II", me, v) + rows[j].tobytes()
+            nonce = nonces[_NONCE_BYTES * j : _NONCE_BYTES * (j + 1)]
+            cts[v] = nonce + AESGCM(key).encrypt(nonce, plaintext, _aad(round_id, me, v))
         self._state = _ClientState.SHARED
         return ShareKeys(self.round_id, me, cts)
 
@@ -640,7 +651,10 @@ class SecAggClient:
             )
         if self.bits < 8 * x.dtype.itemsize and np.any(x >> dtype(self.bits)):
             raise ProtocolError(f"client {me}: the encoded update has values >= 2^{self.bits}")
-        held: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        # Shares are kept in their wire format (little-endian uint32 field elements): the
+        # client only ever sends them on, in UnmaskResponse.
+        held: dict[int, tuple[bytes, bytes]] = {}
+        half = 8 + 4 * _SECRET_ELEMS
         for v, blob in msg.ciphertexts.items():
             key = self._enc_keys[v]
             try:
@@ -656,15 +670,10 @@ class SecAggClient:
             if (sender, receiver) != (v, me) or len(pt) != 8 + 8 * _SECRET_ELEMS:
                 self._state = _ClientState.ABORTED
                 raise ShareDecryptionError(me, v, self.round_id)
-            half = 8 + 4 * _SECRET_ELEMS
-            held[v] = (
-                _share_from_bytes(pt[8:half], "share"),
-                _share_from_bytes(pt[half:], "share"),
-            )
+            held[v] = (pt[8:half], pt[half:])
         self._held = held
         expander = MaskExpander(self.dim, self.bits)
-        y = x.astype(dtype, copy=True)
-        expander.add(y, self._b_seed, +1)
+        y = expander.masked(x, self._b_seed)
         for v in sorted(held):
             seed = _pair_seed(self._s_key, self._peer_keys[v][1], self.round_id, me, v)
             expander.add(y, seed, +1 if v < me else -1)
@@ -719,8 +728,8 @@ class SecAggClient:
         return UnmaskResponse(
             self.round_id,
             me,
-            {v: _share_to_bytes(self._held[v][0]) for v in sorted(survived)},
-            {v: _share_to_bytes(self._held[v][1]) for v in sorted(dropped)},
+            {v: self._held[v][0] for v in sorted(survived)},
+            {v: self._held[v][1] for v in sorted(dropped)},
         )
 
 
