@@ -2,7 +2,7 @@
 
 Runs ``python -m benchmarks.dpsgd --quick`` (2 timed rounds at 1 thread, one clipping norm
 checked) in a subprocess, writing its JSON to a temporary file, and checks the JSON's shape and
-that mmshield's clipped gradient sums (and the prototypes') equal Opacus's.
+that mmshield's clipped gradient sums (book-keeping and per-sample) equal Opacus's.
 """
 
 from __future__ import annotations
@@ -18,13 +18,10 @@ ROOT = Path(__file__).resolve().parent.parent
 METHODS = {
     "plain",
     "mmshield",
+    "mmshield_per_sample",
     "opacus_hooks",
     "opacus_ghost",
-    "proto_vector_norm",
-    "proto_bookkeeping",
-    "proto_bookkeeping_torch_noise",
     "mmshield_noise_only",
-    "proto_torch_noise_only",
 }
 OPACUS = {"opacus_hooks", "opacus_ghost"}
 
@@ -57,16 +54,17 @@ def test_dpsgd_benchmark_runs_and_writes_expected_json(tmp_path: Path) -> None:
 
     # Correctness: clipped sums equal Opacus's (hooks and ghost clipping) within tolerance.
     assert payload["correctness_passed"] is True
-    assert payload["torch_noise_bit_identical"] is True
+    assert payload["noise_like_bit_identical"] is True
     for key, corr in payload["correctness"].items():
         assert corr["passed"] is True
         for case in corr["cases"]:
             assert 0.0 < case["clipped_fraction"] < 1.0  # clipping is exercised
-            assert case["prototype_bookkeeping_vs_mmshield"]["passed"]
+            assert case["mmshield_vs_per_sample"]["passed"]
             if workloads[key]["opacus"]:
                 for mode in ("hooks", "ghost"):
-                    cmp = case[f"mmshield_vs_opacus_{mode}"]
-                    assert cmp["passed"] and cmp["max_diff_over_1_plus_abs"] <= 1e-4
+                    for method in ("mmshield", "per_sample"):
+                        cmp = case[f"{method}_vs_opacus_{mode}"]
+                        assert cmp["passed"] and cmp["max_diff_over_1_plus_abs"] <= 1e-4
 
     timings = payload["timings"]
     assert set(timings) == {"1t"}
@@ -84,12 +82,10 @@ def test_dpsgd_benchmark_runs_and_writes_expected_json(tmp_path: Path) -> None:
     assert set(sim["methods"]) == {
         "plain",
         "mmshield",
-        "proto_bookkeeping",
-        "proto_bookkeeping_torch_noise",
+        "mmshield_per_sample",
         "mmshield_noise_only",
-        "proto_torch_noise_only",
     }
-    assert sim["bookkeeping_vs_shipped_at_sigma_0"]["passed"] is True
+    assert sim["bookkeeping_vs_per_sample_at_sigma_0"]["passed"] is True
     assert len(sim["foreign_cores_attempts"]) == 1
 
     targets = payload["targets"]

@@ -1,11 +1,18 @@
 """Sample-level DP-SGD pieces: per-sample gradients, per-sample clipping, the clipped sum.
 
-Per-sample gradients come from ``torch.func``: ``vmap`` over the records of a batch of
-``grad`` of one record's loss. The function is itself vmappable, so the simulator nests it inside
-its ``vmap`` over clients and clips every record of every client of a cohort in one pass (Opacus
-instead hooks every layer of one model). Clipping follows Abadi et al. (2016) and Opacus: each
-record's whole gradient (all parameters together) is scaled to norm at most ``max_grad_norm``;
-padded slots (weight 0) contribute nothing.
+Two ways to the clipped sum, both ``torch.func`` functions that the simulator nests inside its
+``vmap`` over clients, so that it clips every record of every client of a cohort in one pass
+(Opacus instead hooks every layer of one model):
+
+- book-keeping with ghost norms (:class:`mmshield.privacy.bookkeeping.BookKeeping`, the default
+  of :class:`DPSGD`): per-record norms and the clipped sum from one forward and one backward
+  pass, about the cost of a non-private step;
+- per-sample gradients (:func:`clipped_grad_sum`, the reference and the fallback): ``vmap`` over
+  the records of a batch of ``grad`` of one record's loss, which materialises every record's
+  whole gradient.
+
+Clipping follows Abadi et al. (2016) and Opacus: each record's whole gradient (all parameters
+together) is scaled to norm at most ``max_grad_norm``; padded slots (weight 0) contribute nothing.
 
 Losses that couple records in a batch (contrastive losses) have no per-sample gradient and are not
 supported here; they need batch-level clipping (DP-CLIP), which is refused until built.
@@ -14,6 +21,7 @@ supported here; they need batch-level clipping (DP-CLIP), which is refused until
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -28,6 +36,7 @@ from mmshield.privacy.accountant import (
     calibrate_noise_multiplier,
     epsilon,
 )
+from mmshield.privacy.bookkeeping import BookKeeping
 from mmshield.privacy.noise import NoiseSource
 
 
@@ -82,6 +91,9 @@ def clipped_grad_sum(
         return clipped, (losses * weight).sum(), norms
 
     return fn
+
+
+Clipping = Literal["bookkeeping", "per_sample"]
 
 
 def poisson_schedules(
@@ -142,32 +154,51 @@ class DPSGD:
         ``σ``; the noise standard deviation is ``σ C``.
     source
         Where the noise comes from (:class:`NoiseSource`).
+    clipping
+        How the clipped sum is computed: ``"bookkeeping"`` (ghost norms and book-keeping, about
+        the cost of a non-private step; falls back to the per-sample path for models it cannot
+        handle) or ``"per_sample"`` (``vmap(grad)``, :func:`clipped_grad_sum`). Both give the
+        same sums up to floating-point summation order.
     """
 
-    def __init__(self, max_grad_norm: float, noise_multiplier: float, source: NoiseSource):
+    def __init__(
+        self,
+        max_grad_norm: float,
+        noise_multiplier: float,
+        source: NoiseSource,
+        clipping: Clipping = "bookkeeping",
+    ):
         if not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
         if noise_multiplier < 0:
             raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
+        if clipping not in get_args(Clipping):
+            raise ValueError(f"clipping must be one of {get_args(Clipping)}, got {clipping!r}")
         self.max_grad_norm = max_grad_norm
         self.noise_multiplier = noise_multiplier
         self.source = source
+        self.clipping = clipping
+        # Reused while the model and norm stay the same: it learns each input shape once.
+        self._clipper: BookKeeping | None = None
 
     def clipped_sum_fn(
         self, model: MultimodalModel
     ) -> Callable[..., tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]]:
-        """Per-batch clipped gradient sum (see :func:`clipped_grad_sum`)."""
-        return clipped_grad_sum(model, self.max_grad_norm)
+        """Per-batch clipped gradient sum (see :func:`clipped_grad_sum`), vmappable."""
+        per_sample = clipped_grad_sum(model, self.max_grad_norm)
+        if self.clipping == "per_sample":
+            return per_sample
+        c = self._clipper
+        if c is None or c.model is not model or c.max_grad_norm != self.max_grad_norm:
+            c = self._clipper = BookKeeping(model, self.max_grad_norm, fallback=per_sample)
+        return c
 
     def noise(self, like: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Fresh Gaussian noise shaped like each of ``like``'s tensors."""
+        """Fresh Gaussian noise shaped like each of ``like``'s tensors (one draw for all)."""
         std = self.noise_multiplier * self.max_grad_norm
         if std == 0:
             return {k: torch.zeros_like(v) for k, v in like.items()}
-        return {
-            k: self.source.normal(v.shape, std, device=v.device, dtype=v.dtype)
-            for k, v in like.items()
-        }
+        return self.source.normal_like(like, std)
 
 
 def record_mechanisms(
