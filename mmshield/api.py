@@ -50,9 +50,7 @@ from mmshield.privacy.client_dp import (
     client_level_summary,
     gaussian_epsilon,
 )
-from mmshield.privacy.dpsgd import (
-    DPSGD,
-)
+from mmshield.privacy.dpsgd import DPSGD, record_releases
 from mmshield.privacy.ledger import PrivacyLedger
 from mmshield.privacy.noise import NoiseSource
 from mmshield.privacy.planner import PhaseNeeds, modality_epsilon, plan_phase_noise
@@ -325,6 +323,8 @@ class PrivacyPlan:
     """Sample-level DP: each modality's ε (the phases that read it, composed)."""
     phase_split: list[dict[str, Any]] = field(default_factory=list)
     """Per phase: name, rounds, modalities, noise multiplier and the modality that set it."""
+    worst_clients: dict[str, list[int]] = field(default_factory=dict)
+    """Per modality, the least protected clients (ranked once, when the run is planned)."""
 
     def epsilon_by_modality_after(self, rounds: int) -> dict[str, float] | None:
         """Each modality's cumulative ε after ``rounds`` rounds (sample-level DP).
@@ -364,7 +364,7 @@ class PrivacyPlan:
                     m,
                     self.delta,
                     "rdp",
-                    planner_candidates(needs, m, self.delta),
+                    self.worst_clients[m],
                     coarse=True,
                 ),
             )
@@ -420,7 +420,7 @@ def plan_privacy(job: Job) -> PrivacyPlan:
         PhaseNeeds(
             ph.name,
             frozenset(ph.modalities),
-            _record_releases(ph.client_sizes(), t.batch_size, t.local_epochs, ph.rounds),
+            record_releases(ph.client_sizes(), t.batch_size, t.local_epochs, ph.rounds),
         )
         for ph in job.phases
     ]
@@ -434,19 +434,19 @@ def plan_privacy(job: Job) -> PrivacyPlan:
             else {m: float(dp.epsilon) for m in read}
         )
         plan = plan_phase_noise(needs, budgets, dp.delta, cfg.accountant)
-        sigmas, by_modality, setters = (
+        sigmas, by_modality, setters, least_protected = (
             list(plan.noise_multipliers),
             plan.epsilon_by_modality,
             list(plan.bottleneck),
+            plan.worst_clients,
         )
     else:
         assert dp.noise_multiplier is not None
         sigmas = [dp.noise_multiplier] * len(needs)
         setters = ["fixed"] * len(needs)
+        least_protected = {m: planner_candidates(needs, m, dp.delta) for m in read}
         by_modality = {
-            m: modality_epsilon(
-                needs, sigmas, m, dp.delta, cfg.accountant, planner_candidates(needs, m, dp.delta)
-            )
+            m: modality_epsilon(needs, sigmas, m, dp.delta, cfg.accountant, least_protected[m])
             for m in read
         }
     eps = max(by_modality.values())
@@ -494,25 +494,8 @@ def plan_privacy(job: Job) -> PrivacyPlan:
         phase_needs=needs,
         epsilon_by_modality=by_modality,
         phase_split=split,
+        worst_clients=least_protected,
     )
-
-
-def _record_releases(
-    sizes: np.ndarray, batch_size: int, local_epochs: int, rounds: int
-) -> list[SampledGaussian | None]:
-    """DP-SGD's release about one record of each client over ``rounds`` rounds (σ = 1).
-
-    ``None`` for a client with no record (it trains nothing).
-    """
-    out: list[SampledGaussian | None] = []
-    for size in np.asarray(sizes, dtype=np.int64):
-        n = int(size)
-        if n == 0:
-            out.append(None)
-            continue
-        steps = rounds * local_epochs * -(-n // batch_size)
-        out.append(SampledGaussian(1.0, steps, "poisson", min(1.0, batch_size / n)))
-    return out
 
 
 def _plan_client_level(job: Job) -> PrivacyPlan:

@@ -1,6 +1,13 @@
-"""Shared fixtures: a small random multimodal data set."""
+"""Shared fixtures: a small random multimodal data set, a private ledger, a benchmark runner."""
 
 from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -42,3 +49,25 @@ def toy() -> MultimodalDataset:
 def _private_ledger(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
     """Every test gets its own privacy ledger, never the user's."""
     monkeypatch.setenv("MMSHIELD_LEDGER", str(tmp_path_factory.mktemp("ledger") / "ledger.db"))
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def run_benchmark() -> Callable[..., tuple[str, dict[str, Any]]]:
+    """``run(name, out, *args, timeout=300)``: ``python -m benchmarks.NAME --quick *args --out
+    OUT`` in a subprocess; asserts it succeeded and returns its stdout and the JSON it wrote."""
+
+    def run(name: str, out: Path, *args: str, timeout: float = 300) -> tuple[str, dict[str, Any]]:
+        proc = subprocess.run(
+            [sys.executable, "-m", f"benchmarks.{name}", "--quick", *args, "--out", str(out)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc.stdout, json.loads(Path(out).read_text())
+
+    return run

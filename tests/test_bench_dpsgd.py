@@ -7,14 +7,12 @@ that mmshield's clipped gradient sums (book-keeping and per-sample) equal Opacus
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
 METHODS = {
     "plain",
     "mmshield",
@@ -27,18 +25,12 @@ OPACUS = {"opacus_hooks", "opacus_ghost"}
 
 
 @pytest.mark.slow
-def test_dpsgd_benchmark_runs_and_writes_expected_json(tmp_path: Path) -> None:
+def test_dpsgd_benchmark_runs_and_writes_expected_json(
+    tmp_path: Path, run_benchmark: Callable[..., Any]
+) -> None:
     pytest.importorskip("opacus")
     out = tmp_path / "dpsgd.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.dpsgd", "--quick", "--out", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    payload = json.loads(out.read_text())
+    _, payload = run_benchmark("dpsgd", out)
 
     for key in ("cpu", "cores", "torch"):
         assert key in payload["machine"]

@@ -8,33 +8,25 @@ works on clean embeddings and falls towards chance as ε shrinks.
 
 from __future__ import annotations
 
-import json
 import math
-import subprocess
-import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from mmshield.privacy.embed import gaussian_sigma
 
-ROOT = Path(__file__).resolve().parent.parent
 EPSILONS = ["0.5", "1", "2", "4", "8", "16"]
 
 
 @pytest.mark.slow
-def test_embed_utility_benchmark_runs_and_writes_expected_json(tmp_path: Path) -> None:
+def test_embed_utility_benchmark_runs_and_writes_expected_json(
+    tmp_path: Path, run_benchmark: Callable[..., Any]
+) -> None:
     pytest.importorskip("sklearn")
     out = tmp_path / "embed_utility.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.embed_utility", "--quick", "--out", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    payload = json.loads(out.read_text())
+    _, payload = run_benchmark("embed_utility", out)
 
     for key in ("cpu", "cores", "torch"):
         assert key in payload["machine"]

@@ -7,28 +7,19 @@ target, the machine, accuracies in [0, 1], the calibrated noise present exactly 
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 @pytest.mark.slow
-def test_privacy_utility_benchmark_runs_and_writes_expected_json(tmp_path: Path) -> None:
+def test_privacy_utility_benchmark_runs_and_writes_expected_json(
+    tmp_path: Path, run_benchmark: Callable[..., Any]
+) -> None:
     out = tmp_path / "privacy_utility.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.privacy_utility", "--quick", "--out", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    payload = json.loads(out.read_text())
+    _, payload = run_benchmark("privacy_utility", out, timeout=600)
 
     for key in ("cpu", "cores", "torch"):
         assert key in payload["machine"]

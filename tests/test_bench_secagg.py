@@ -9,30 +9,21 @@ reported (``null`` where not measured).
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from mmshield.crypto.graph import choose_parameters
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 @pytest.mark.slow
-def test_secagg_benchmark_runs_and_writes_expected_json(tmp_path: Path) -> None:
+def test_secagg_benchmark_runs_and_writes_expected_json(
+    tmp_path: Path, run_benchmark: Callable[..., Any]
+) -> None:
     out = tmp_path / "results" / "secagg.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.secagg", "--quick", "--out", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    payload = json.loads(out.read_text())
+    _, payload = run_benchmark("secagg", out)
 
     for key in ("cpu", "cores", "torch", "flwr"):
         assert key in payload["machine"]

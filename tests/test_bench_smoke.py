@@ -6,38 +6,19 @@ demo workload) in a subprocess, writing its JSON to a temporary file, and checks
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 @pytest.mark.slow
-def test_simulator_benchmark_runs_and_writes_expected_json(tmp_path: Path) -> None:
+def test_simulator_benchmark_runs_and_writes_expected_json(
+    tmp_path: Path, run_benchmark: Callable[..., Any]
+) -> None:
     out = tmp_path / "simulator.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.simulator",
-            "--quick",
-            "--mmshield-only",
-            "--demo-rounds",
-            "1",
-            "--out",
-            str(out),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    payload = json.loads(out.read_text())
+    _, payload = run_benchmark("simulator", out, "--mmshield-only", "--demo-rounds", "1")
 
     machine = payload["machine"]
     for key in ("cpu", "cores", "torch", "flwr"):
@@ -73,18 +54,12 @@ def test_simulator_benchmark_runs_and_writes_expected_json(tmp_path: Path) -> No
 
 
 @pytest.mark.slow
-def test_async_benchmark_runs_and_writes_expected_json(tmp_path: Path) -> None:
+def test_async_benchmark_runs_and_writes_expected_json(
+    tmp_path: Path, run_benchmark: Callable[..., Any]
+) -> None:
     out = tmp_path / "async.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.async", "--quick", "--out", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "sooner in simulated time" in proc.stdout
-    payload = json.loads(out.read_text())
+    stdout, payload = run_benchmark("async", out)
+    assert "sooner in simulated time" in stdout
     assert payload["quick"] is True and "machine" in payload
     speedup = payload["targets"]["fedbuff_time_to_accuracy_speedup"]
     assert speedup["op"] == ">=" and speedup["unit"] == "x"

@@ -132,7 +132,7 @@ def test_rdp_refuses_fractional_orders_and_bad_inputs() -> None:
 def test_calibration_meets_target_within_one_percent() -> None:
     l1, l2 = sk.skellam_sensitivities(1.0, 256.0, 2**14)
     for target, rounds in ((1.0, 1), (4.0, 200)):
-        mu = sk.DistributedSkellam.calibrate(target, 1e-5, rounds, l1, l2)
+        mu = sk.calibrate_mu(target, 1e-5, rounds, l1, l2)
         eps = sk.skellam_epsilon([mu] * rounds, 1e-5, l1, l2)
         assert 0.99 * target <= eps <= target
         assert sk.skellam_epsilon([mu * 0.98] * rounds, 1e-5, l1, l2) > target

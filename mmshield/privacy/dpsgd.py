@@ -201,6 +201,30 @@ class DPSGD:
         return self.source.normal_like(like, std)
 
 
+def record_releases(
+    sizes: np.ndarray,
+    batch_size: int,
+    local_epochs: int,
+    rounds: int,
+    noise_multiplier: float = 1.0,
+) -> list[SampledGaussian | None]:
+    """What DP-SGD releases about one record of each client over ``rounds`` rounds.
+
+    Client ``c`` with ``n`` records takes ``local_epochs * ceil(n / batch_size)`` steps per round
+    at Poisson rate ``min(1, batch_size / n)`` (:func:`poisson_schedules`); ``None`` for a client
+    with no record (it trains nothing).
+    """
+    out: list[SampledGaussian | None] = []
+    for size in np.asarray(sizes, dtype=np.int64):
+        n = int(size)
+        if n <= 0:
+            out.append(None)
+            continue
+        steps = rounds * local_epochs * -(-n // batch_size)
+        out.append(SampledGaussian(noise_multiplier, steps, "poisson", min(1.0, batch_size / n)))
+    return out
+
+
 def record_mechanisms(
     sizes: np.ndarray, batch_size: int, local_epochs: int, rounds: int, noise_multiplier: float
 ) -> dict[tuple[float, int], SampledGaussian]:
@@ -210,14 +234,9 @@ def record_mechanisms(
     every round (sound for any client sampler; uniform fixed-size client sampling has no
     record-level amplification result to lean on here).
     """
-    out: dict[tuple[float, int], SampledGaussian] = {}
-    for n in np.unique(np.asarray(sizes, dtype=np.int64)):
-        if n <= 0:
-            continue
-        q = min(1.0, batch_size / int(n))
-        steps = rounds * local_epochs * -(-int(n) // batch_size)
-        out[(q, steps)] = SampledGaussian(noise_multiplier, steps, "poisson", q)
-    return out
+    unique = np.unique(np.asarray(sizes, dtype=np.int64))
+    mechs = record_releases(unique, batch_size, local_epochs, rounds, noise_multiplier)
+    return {(m.sampling_rate, m.steps): m for m in mechs if m is not None}
 
 
 def sample_level_epsilon(

@@ -64,6 +64,8 @@ class PhasePlan:
     epsilon_by_modality: dict[str, float]
     bottleneck: tuple[str, ...]
     """For each phase, the modality whose budget set its noise."""
+    worst_clients: dict[str, list[int]]
+    """Per modality, the clients whose records are least protected (:func:`candidates`)."""
 
 
 def _with_sigma(m: SampledGaussian, sigma: float) -> SampledGaussian:
@@ -217,4 +219,4 @@ def plan_phase_noise(
                 sigmas[i], bottleneck[i] = level, m
     final = [float(s) for s in sigmas if s is not None]
     spent = {m: modality_epsilon(phases, final, m, delta, method, worst[m]) for m in read}
-    return PhasePlan(tuple(final), spent, tuple(bottleneck))
+    return PhasePlan(tuple(final), spent, tuple(bottleneck), worst)

@@ -728,19 +728,6 @@ class DistributedSkellam:
         mu = self.mu if mu_effective is None else mu_effective
         return skellam_epsilon([mu] * rounds, delta, self.l1, self.l2, orders)
 
-    @staticmethod
-    def calibrate(
-        target_epsilon: float,
-        delta: float,
-        rounds: int,
-        l1: float,
-        l2: float,
-        orders: Sequence[int] = RDP_ORDERS,
-    ) -> float:
-        """Smallest ``μ`` meeting (``target_epsilon``, ``delta``) over ``rounds``
-        (:func:`calibrate_mu`)."""
-        return calibrate_mu(target_epsilon, delta, rounds, l1, l2, orders)
-
     @classmethod
     def for_target(
         cls,
