@@ -50,11 +50,17 @@ from mmshield.privacy.client_dp import (
     client_level_summary,
     gaussian_epsilon,
 )
+from mmshield.privacy.distributed_dp import (
+    SkellamFedAvg,
+    default_max_participation,
+    skellam_statement,
+)
 from mmshield.privacy.dpsgd import DPSGD, record_releases
 from mmshield.privacy.ledger import PrivacyLedger
 from mmshield.privacy.noise import NoiseSource
 from mmshield.privacy.planner import PhaseNeeds, modality_epsilon, plan_phase_noise
 from mmshield.privacy.planner import candidates as planner_candidates
+from mmshield.privacy.skellam import DistributedSkellam, SkellamAccount
 from mmshield.runtime.asynchronous import simulate_buffered
 from mmshield.runtime.secure_sum import SecureRound, SecureSum
 from mmshield.runtime.simulation import RoundRecord, SimulationResult, simulate
@@ -325,6 +331,8 @@ class PrivacyPlan:
     """Per phase: name, rounds, modalities, noise multiplier and the modality that set it."""
     worst_clients: dict[str, list[int]] = field(default_factory=dict)
     """Per modality, the least protected clients (ranked once, when the run is planned)."""
+    distributed_dp: SkellamFedAvg | None = None
+    """Client-level DP with distributed Skellam noise under secure aggregation."""
 
     def epsilon_by_modality_after(self, rounds: int) -> dict[str, float] | None:
         """Each modality's cumulative ε after ``rounds`` rounds (sample-level DP).
@@ -378,6 +386,8 @@ class PrivacyPlan:
         """
         if self.client_dp is not None and self.client_dp.account is not None:
             return self.client_dp.account.spent
+        if self.distributed_dp is not None:
+            return self.distributed_dp.account.spent
         if self.phase_needs is not None:
             by_modality = self.epsilon_by_modality_after(rounds)
             return max(by_modality.values(), default=0.0) if by_modality else 0.0
@@ -397,7 +407,13 @@ class PrivacyPlan:
             "noise_multiplier": None if m is None else m.noise_multiplier,
             "sampling_rate": None if m is None else m.sampling_rate,
             "steps_per_round": None if m is None else m.steps,
-            "noise_placement": None if self.client_dp is None else self.client_dp.placement,
+            "noise_placement": (
+                "distributed (Skellam, secure aggregation)"
+                if self.distributed_dp is not None
+                else None
+                if self.client_dp is None
+                else self.client_dp.placement
+            ),
         }
 
 
@@ -514,6 +530,8 @@ def _plan_client_level(job: Job) -> PrivacyPlan:
     cfg = job.config.privacy
     dp = cfg.client_level
     assert dp is not None
+    if job.config.secure_aggregation is not None:
+        return _plan_skellam(job)
     n = job.data.num_clients
     rate = job.clients_per_round / n
     local = dp.noise == "local"
@@ -566,8 +584,59 @@ def _plan_client_level(job: Job) -> PrivacyPlan:
     return PrivacyPlan(None, eps, dp.delta, statement, mech, per_round)
 
 
+def _plan_skellam(job: Job) -> PrivacyPlan:
+    """Plan client-level DP with distributed Skellam noise inside the secure sum.
+
+    ``μ`` is calibrated (Skellam RDP, no amplification by sampling: the server knows who took
+    part) so that a client taking part in ``P`` rounds with every planned share present spends
+    the target ε; the fixed-point scale is the largest power of two for which the sum of
+    ``clients_per_round`` encodings fits the secure sum's ring.
+    """
+    cfg, sa = job.config.privacy, job.config.secure_aggregation
+    dp = cfg.client_level
+    assert dp is not None and dp.epsilon is not None and sa is not None
+    m = job.clients_per_round
+    cap = dp.max_participation or default_max_participation(job.rounds, m, job.data.num_clients)
+    dim = sum(p.numel() for p in job.model.parameters())
+    try:
+        mech = DistributedSkellam.for_target(
+            dp.epsilon,
+            dp.delta,
+            rounds=cap,
+            dim=dim,
+            clip=dp.clip_norm,
+            noise_shares=dp.reporting_fraction * m,
+            bits=sa.bits,
+            max_clients=m,
+        )
+    except PrivacyError as exc:
+        raise ConfigError(f"privacy.client_level with secure_aggregation: {exc}") from None
+    eps = mech.epsilon_for(cap, None, dp.delta)
+    fedavg = SkellamFedAvg(
+        mech,
+        dp.clip_norm,
+        m,
+        SkellamAccount(dp.delta, eps, mech.l1, mech.l2),
+        client_source=NoiseSource(cfg.secure_noise, job.seed, "skellam-clients"),
+        seed_source=NoiseSource(cfg.secure_noise, job.seed, "skellam-rotation"),
+        collusion=sa.collusion,
+        max_participation=cap,
+    )
+    statement = skellam_statement(fedavg, job.rounds, eps)
+    return PrivacyPlan(None, eps, dp.delta, statement, distributed_dp=fedavg)
+
+
 def finish_client_level(privacy: PrivacyPlan, job: Job) -> dict[str, Any]:
     """After a client-level DP run: restate its guarantee with what it spent; summary fields."""
+    if privacy.distributed_dp is not None and privacy.epsilon is not None:
+        fedavg = privacy.distributed_dp
+        privacy.statement = skellam_statement(fedavg, job.rounds, privacy.epsilon)
+        return {
+            "noise_placement": "distributed",
+            "epsilon": fedavg.account.spent,
+            "epsilon_budget": privacy.epsilon,
+            "distributed_dp": fedavg.summary(),
+        }
     mech, cfg = privacy.client_dp, job.config.privacy
     if mech is None or privacy.epsilon is None or privacy.delta is None:
         return {}
@@ -673,6 +742,7 @@ def simulate_job(
             scaffold=srv.strategy == "scaffold",
             private=privacy.mechanism,
             client_dp=privacy.client_dp,
+            distributed_dp=privacy.distributed_dp,
             **common,
         )
     # Phases run one after the other on the same model and server optimiser; round numbers
@@ -846,6 +916,9 @@ def run(
                     "secagg_failed": float(sec.failure is not None),
                 }
                 secure_rounds.append(sec)
+            skellam = privacy.distributed_dp
+            if skellam is not None and skellam.history and record.clients > 0:
+                metrics["effective_noise_multiplier"] = skellam.history[-1].effective_multiplier
             if ledger is not None and privacy.delta is not None:
                 spent = privacy.epsilon_after(record.round, job.rounds)
                 by_modality = privacy.epsilon_by_modality_after(record.round)

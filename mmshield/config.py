@@ -276,6 +276,11 @@ class ClientLevelDPConfig(_Strict):
         le=1,
         description="distributed: shares sized so the planned z holds if this fraction reports",
     )
+    max_participation: int | None = Field(
+        default=None,
+        ge=1,
+        description="distributed under secure_aggregation: most rounds one client takes part in",
+    )
 
     @model_validator(mode="after")
     def _one_of(self) -> ClientLevelDPConfig:
@@ -376,6 +381,17 @@ class RunConfig(_Strict):
                     "refused: SCAFFOLD's control variates and FedBuff's asynchronous updates "
                     "are released outside the clipped, noised mean"
                 )
+        dp = self.privacy.client_level
+        if (
+            dp is not None
+            and dp.max_participation is not None
+            and (self.secure_aggregation is None or dp.noise != "distributed")
+        ):
+            raise ValueError(
+                "privacy.client_level.max_participation applies to distributed noise under "
+                "secure_aggregation only (there it caps the rounds a client is charged for); "
+                "remove it, or add a secure_aggregation block with noise: distributed"
+            )
         if self.privacy.sample_level is not None and self.server.strategy == "fedbuff":
             raise ValueError(
                 "privacy.sample_level with server.strategy 'fedbuff' is refused: an asynchronous "
@@ -398,11 +414,27 @@ class RunConfig(_Strict):
                 f"secure_aggregation with server.strategy {self.server.strategy!r} is refused: "
                 f"{why}; use fedavg, fedavgm, fedadam, fedyogi or fedadagrad"
             )
-        if self.privacy.client_level is not None:
-            raise ValueError(
-                "secure_aggregation with privacy.client_level is not supported yet (its clipped "
-                "updates and clipped counts are summed in the clear); use privacy.sample_level"
-            )
+        dp = self.privacy.client_level
+        if dp is not None:
+            if dp.noise != "distributed":
+                raise ValueError(
+                    f"secure_aggregation with privacy.client_level.noise {dp.noise!r} is refused: "
+                    "the server would see an un-noised sum (central) or the sum of noise the "
+                    "clients already added in full (local); set privacy.client_level.noise: "
+                    "distributed (each client adds a Skellam noise share inside the secure sum)"
+                )
+            if dp.adaptive is not None:
+                raise ValueError(
+                    "secure_aggregation with privacy.client_level.adaptive is not supported yet "
+                    "(the clipped count would need its own secure, noised sum); remove "
+                    "privacy.client_level.adaptive and set a fixed clip_norm"
+                )
+            if dp.epsilon is None:
+                raise ValueError(
+                    "secure_aggregation with privacy.client_level needs privacy.client_level."
+                    "epsilon (the Skellam noise and its fixed-point scale are calibrated to it) "
+                    "instead of noise_multiplier"
+                )
         if self.training.clients_per_round is not None and self.training.clients_per_round < 2:
             raise ValueError(
                 "secure_aggregation needs training.clients_per_round >= 2: the sum of one "

@@ -529,8 +529,9 @@ def client_level_statement(
             f"{planned_epsilon:.3g}, δ = {delta:g}) per client over {rounds} rounds under {acc} "
             "accounting of the noise that actually reaches each round's sum (multiplier "
             f"z·sqrt(k/{shares:g}) for k reports); a round with too few reports to stay within "
-            "that budget is refused and the run stops. Against the server this holds only with "
-            "secure aggregation, which mmshield does not provide yet"
+            "that budget is refused and the run stops. This run has no secure aggregation, so "
+            "the server sees each update with its own share only (add a secure_aggregation "
+            "block: the clients then add Skellam shares inside the secure sum)"
         )
     released = [v for v in mech.effective_multipliers if v is not None]
     low = f"{min(released):.3f}" if released else "n/a"
@@ -539,8 +540,9 @@ def client_level_statement(
         f"{account.spent:.3g}, δ = {delta:g}) per client over {rounds} rounds (budget "
         f"{planned_epsilon:.3g}) under {acc} accounting of the noise that actually reached each "
         f"round's sum (multiplier z·sqrt(k/{shares:g}) for k reports; lowest {low}). Against "
-        "the server this holds only together with secure aggregation, which mmshield does not "
-        "provide yet: without it the server sees each update with its own share only, and the "
+        "the server it does not hold: this run had no secure aggregation (add a "
+        "secure_aggregation block to have the clients add Skellam shares inside the secure "
+        "sum), so the server saw each update with its own share only, and the "
         f"worst-off client, whose update it saw in {mech.max_rounds_taken()} round(s), has "
         f"ε = {mech.epsilon_vs_server(delta) or 0.0:.3g} against it (one Gaussian with "
         f"multiplier {share_z:.3f} per round, no amplification: the server knows who took part)"
@@ -557,7 +559,7 @@ def client_level_summary(
     server that sees each update) and ``max_rounds_per_client``; for distributed noise also
     ``min_effective_noise_multiplier`` (the lowest any round's sum carried), the per-round
     multipliers, ``noise_shares`` and ``epsilon_vs_server_with_secagg`` (against a server that
-    would see only the sums but knows who took part: secure aggregation, not yet built).
+    would see only the sums but knows who took part, as under secure aggregation).
     """
     if mech is None:
         return {}

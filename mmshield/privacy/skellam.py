@@ -879,12 +879,17 @@ class SkellamAccount:
     in which no sum was released (no client reported, or the protocol failed) must not be
     charged; one whose sum carries no noise (``mu_effective = 0``) costs ε = ∞ and is refused.
 
+    Charged with the ids of the clients in each sum, the account tracks every client's own RDP
+    (a client is charged only for the rounds it took part in, which the server knows) and
+    :attr:`spent` is the ε of the pointwise maximum of those RDP curves over clients: an upper
+    bound on the worst-off client's ε, equal to it when the rounds' noise is the same.
+
     Parameters
     ----------
     delta
         δ of the guarantee.
     budget
-        The most ε the run may spend.
+        The most ε the run (its worst-off client) may spend.
     l1, l2
         The mechanism's sensitivities (:attr:`DistributedSkellam.l1`, ``l2``).
     """
@@ -905,18 +910,35 @@ class SkellamAccount:
         self.delta, self.budget, self.l1, self.l2 = delta, budget, l1, l2
         self.orders = tuple(orders)
         self.rdp = np.zeros(len(self.orders))
+        """Pointwise maximum over clients of their RDP so far."""
+        self._everyone = np.zeros(len(self.orders))  # charged without client ids
+        self._by_client: dict[int, np.ndarray] = {}
         self.spent = 0.0
         self.mus: list[float] = []
+        self.participation: dict[int, int] = {}
+        """Rounds each client (charged by id) took part in."""
 
-    def charge(self, mu_effective: float, where: str = "round") -> float:
+    def charge(
+        self, mu_effective: float, where: str = "round", clients: Sequence[int] | None = None
+    ) -> float:
         """Charge one release with noise variance ``mu_effective``; return the cumulative ε.
+
+        ``clients``: the ids of the clients whose updates are in the sum (``None``: charge every
+        client, the run-level account).
 
         Raises
         ------
         PrivacyError
             If the release would bring ε above the budget (nothing is charged).
         """
-        trial = self.rdp + skellam_rdp(self.orders, self.l1, self.l2, mu_effective)
+        step = skellam_rdp(self.orders, self.l1, self.l2, mu_effective)
+        if clients is None:
+            trial = self.rdp + step
+        else:
+            zero = np.zeros(len(self.orders))
+            trial = self.rdp.copy()
+            for c in clients:
+                np.maximum(trial, self._everyone + self._by_client.get(c, zero) + step, out=trial)
         if np.all(np.isfinite(trial)):
             eps = float(compute_epsilon(list(self.orders), trial.tolist(), self.delta)[0])
         else:
@@ -927,6 +949,12 @@ class SkellamAccount:
                 f"run's ε to {eps:.4g} (δ = {self.delta:g}), above its budget {self.budget:.4g}. "
                 f"Nothing of it was released; the run stops having spent ε = {self.spent:.4g}"
             )
+        if clients is None:
+            self._everyone += step
+        else:
+            for c in clients:
+                self._by_client[c] = self._by_client.get(c, zero) + step
+                self.participation[c] = self.participation.get(c, 0) + 1
         self.rdp, self.spent = trial, eps
         self.mus.append(mu_effective)
         return eps

@@ -541,9 +541,10 @@ def _protected_paragraph(summary: Mapping[str, Any]) -> str:
     ]
     if dp:
         guarantee = f" ({_esc(_dp_text(summary))})" if epsilon is not None else ""
+        unit = "client's whole data" if summary.get("privacy_unit") == "client" else "record"
         sentences.append(
             "Differential privacy limited how much the updates and the final model can reveal "
-            f"about any single record{guarantee}."
+            f"about any single {unit}{guarantee}."
         )
     else:
         sentences.append(

@@ -150,20 +150,52 @@ class SecureSum:
         ids = sorted(set(contributions) | {int(c) for c in dropped})
         if len(ids) < 2 or len(contributions) == 0:
             return None
-        dim = len(next(iter(contributions.values())))
         encoder = self._encoder(len(ids))
-        p = self.parameters(len(ids))
         inputs, clipped = {}, 0
-        for c in ids:
-            if c in contributions:
-                encoded = encoder.encode(contributions[c])
-                inputs[c], clipped = encoded.values, clipped + encoded.clipped
-            else:
-                inputs[c] = np.zeros(dim, dtype=encoder.dtype)  # never sent
+        for c, vector in contributions.items():
+            encoded = encoder.encode(vector)
+            inputs[c], clipped = encoded.values, clipped + encoded.clipped
+        out = self.sum_ring(inputs, dropped, where, clipped)
+        assert out is not None
+        ring_total, included, record = out
+        total = None if ring_total is None else encoder.decode(ring_total, len(included))
+        return total, included, record
+
+    def sum_ring(
+        self,
+        inputs: Mapping[int, np.ndarray],
+        dropped: Collection[int] = (),
+        where: str = "round",
+        clipped: int = 0,
+    ) -> tuple[np.ndarray | None, tuple[int, ...], SecureRound] | None:
+        """The sum mod ``2^bits`` of vectors the clients encoded themselves (e.g. with
+        distributed DP noise, :mod:`mmshield.privacy.skellam`).
+
+        Parameters
+        ----------
+        inputs
+            ``client -> ring vector`` (unsigned, values below ``2^bits``, all the same length).
+        dropped
+            Invited clients that go silent after sharing their keys.
+        clipped
+            What the clients reported clipping (recorded in :attr:`SecureRound.clipped_values`).
+
+        Returns
+        -------
+        total, included, record
+            As :meth:`sum`, with the ring total undecoded.
+        """
+        ids = sorted(set(inputs) | {int(c) for c in dropped})
+        if len(ids) < 2 or len(inputs) == 0:
+            return None
+        first = next(iter(inputs.values()))
+        dim, dtype = len(first), first.dtype
+        p = self.parameters(len(ids))
+        vectors = {c: inputs.get(c, np.zeros(dim, dtype=dtype)) for c in ids}  # silent: unsent
         server = SecAggServer(ids, dim, k=p.k, t=p.t, bits=self.bits)
-        silent = [c for c in ids if c not in contributions]
+        silent = [c for c in ids if c not in inputs]
         try:
-            report = run_in_memory(server, inputs, drop={Phase.MASKED_INPUT: silent})
+            report = run_in_memory(server, vectors, drop={Phase.MASKED_INPUT: silent})
         except TooManyDropoutsError as err:
             failed = SecureRound(
                 len(ids), 0, len(ids), p.k, p.t, clipped, 0.0, 0, 0, f"{where}: {err}"
@@ -171,7 +203,6 @@ class SecureSum:
             self.rounds.append(failed)
             return None, (), failed
         included = report.result.included
-        total = encoder.decode(report.result.total, len(included))
         record = SecureRound(
             invited=len(ids),
             included=len(included),
@@ -184,4 +215,4 @@ class SecureSum:
             bytes_down=report.bytes_down,
         )
         self.rounds.append(record)
-        return total, included, record
+        return report.result.total, included, record

@@ -31,6 +31,7 @@ from mmshield.fl.scaffold import Scaffold
 from mmshield.fl.strategy import ServerOptimizer
 from mmshield.models.model import MultimodalModel
 from mmshield.privacy.client_dp import ClientLevelDP, poisson_clients
+from mmshield.privacy.distributed_dp import SkellamFedAvg
 from mmshield.privacy.dpsgd import DPSGD, poisson_schedules
 from mmshield.runtime.secure_sum import SecureRound, SecureSum
 from mmshield.runtime.systems import ClientSystems, SystemsProfile, steps_per_epoch
@@ -178,6 +179,7 @@ def simulate(
     trainable: Collection[str] | None = None,
     first_round: int = 1,
     secure: SecureSum | None = None,
+    distributed_dp: SkellamFedAvg | None = None,
 ) -> SimulationResult:
     """Run federated training of ``model`` over the clients of ``data``.
 
@@ -234,6 +236,14 @@ def simulate(
         Secure aggregation (:mod:`mmshield.runtime.secure_sum`): every round's sum of weighted
         updates, weights and losses is computed by the SecAgg+ protocol; sampled clients that
         drop out go silent after sharing their keys.
+    distributed_dp
+        Client-level DP-FedAvg with distributed Skellam noise (needs ``secure``;
+        :mod:`mmshield.privacy.distributed_dp`): ``clients_per_round`` clients are invited
+        among those below the participation cap, each clips and encodes its whole update with
+        its own noise share, the secure sum is decoded and divided by ``clients_per_round``.
+        Each release is charged first; one the budget cannot afford stops the run with a
+        :class:`~mmshield.errors.PrivacyError` before it is released. No training loss is
+        released (it would carry no noise).
 
     Returns
     -------
@@ -289,6 +299,11 @@ def simulate(
                 sampled = poisson_clients(data.num_clients, rate, client_dp.source)
                 if online is not None:
                     sampled = sampled[online[sampled]]
+            elif distributed_dp is not None:
+                allowed = distributed_dp.eligible(data.num_clients)
+                if online is not None:
+                    allowed &= online
+                sampled = sample_clients(data.num_clients, clients_per_round, seed, rnd, allowed)
             else:
                 sampled = sample_clients(data.num_clients, clients_per_round, seed, rnd, online)
             plan = (
@@ -307,6 +322,9 @@ def simulate(
             acc = ModalityAwareMean(global_params)
             losses: list[torch.Tensor] = []
             protected: dict[int, np.ndarray] = {}
+            # Public; the clients' updates do not depend on it (the ring check assumes so).
+            round_seed = distributed_dp.round_seed() if distributed_dp is not None else 0
+            clipped = 0
             for c0 in range(0, len(chosen), cohort_size):
                 cohort = chosen[c0 : c0 + cohort_size]
                 update = trainer.train(
@@ -328,13 +346,33 @@ def simulate(
                     )
                 if client_dp is not None:
                     client_dp.add(update.deltas, update.clients)
+                elif distributed_dp is not None:
+                    inputs, n_clipped = distributed_dp.encode(
+                        update.deltas, update.clients, round_seed
+                    )
+                    protected.update(inputs)
+                    clipped += n_clipped
+                    continue  # the training loss carries no noise: it is not released
                 elif secure is not None:
                     protected.update(_contributions(update, weight_scale))
                 else:
                     acc.add(update.deltas, update.examples, update.modality_examples)
                 losses.append(update.loss)
-            secure_round = None
-            if secure is not None:
+            secure_round, dp_mean = None, None
+            if distributed_dp is not None:
+                assert secure is not None
+                silent = [int(c) for c in sampled if int(c) not in protected]
+                ring = secure.sum_ring(protected, silent, f"round {rnd}", clipped)
+                if ring is not None:
+                    secure_round = ring[2]
+                if ring is None or ring[0] is None:
+                    chosen = chosen[:0]  # nothing released, nothing charged
+                else:
+                    chosen = np.asarray(ring[1], dtype=np.int64)
+                    dp_mean = distributed_dp.release(
+                        ring[0], ring[1], round_seed, global_params, f"round {rnd}", clipped
+                    )
+            elif secure is not None:
                 out = secure.sum(
                     protected,
                     [int(c) for c in sampled if int(c) not in protected],
@@ -354,7 +392,13 @@ def simulate(
             if len(chosen) or client_dp is not None:
                 if controls is not None:
                     controls.finish_round(len(chosen))
-                mean = acc.mean() if client_dp is None else client_dp.noisy_mean(global_params)
+                mean = (
+                    dp_mean
+                    if dp_mean is not None
+                    else acc.mean()
+                    if client_dp is None
+                    else client_dp.noisy_mean(global_params)
+                )
                 new_params = server.step(global_params, mean, rnd)
                 check_finite(new_params, f"round {rnd}")
                 with torch.no_grad():
