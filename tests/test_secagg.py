@@ -520,6 +520,18 @@ def test_shamir_any_t_of_n_and_not_t_minus_1() -> None:
         )
 
 
+def test_threaded_mask_expansion_gives_the_same_words() -> None:
+    dim = 1 << 20  # 6 seeds x 1M words: above the threading threshold
+    seeds = [bytes([i]) * 32 for i in range(6)]
+    signs = [1, -1, 1, 1, -1, 1]
+    exp = MaskExpander(dim, 32)
+    start = exp.expand(bytes(range(32)))
+    one, three = start.copy(), start.copy()
+    exp.add_many(one, seeds, signs, threads=1)
+    exp.add_many(three, seeds, signs, threads=3)
+    assert np.array_equal(one, three) and not np.array_equal(one, start)
+
+
 def test_prg_is_aes_ctr_and_reduced_mod_2_bits() -> None:
     seed = bytes(range(32))
     ref = Cipher(algorithms.AES(seed[:16]), modes.CTR(seed[16:])).encryptor().update(bytes(400))

@@ -19,8 +19,10 @@ length and no client pays page faults on fresh buffers.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -33,6 +35,33 @@ _CHUNK = 1 << 18
 """Bytes of keystream produced per OpenSSL call (256 KiB: the keystream and the slice of the
 accumulator it is added to stay in a core's L2 cache, and the scratch memory stays bounded)."""
 _LOCAL = threading.local()
+_PARALLEL_MIN_WORDS = 1 << 22
+"""Below this many keystream words in one :meth:`MaskExpander.add_many`, threads cost more than
+they save."""
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def mask_threads() -> int:
+    """Threads :meth:`MaskExpander.add_many` uses: ``MMSHIELD_MASK_THREADS``, else the cores
+    (at most 8). OpenSSL's AES-CTR and NumPy's adds release the GIL, so they run in parallel."""
+    env = os.environ.get("MMSHIELD_MASK_THREADS")
+    if env:
+        try:
+            return max(1, int(env))
+        except ValueError:
+            raise SecAggError(
+                f"MMSHIELD_MASK_THREADS must be a positive integer, got {env!r}"
+            ) from None
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="mmshield-masks")
+        return _POOL
 
 
 def _scratch() -> tuple[memoryview, np.ndarray]:
@@ -131,12 +160,38 @@ class MaskExpander:
             np.add(x[part], words, out=out[part])
         return out
 
-    def add_many(self, acc: np.ndarray, seeds: Sequence[bytes], signs: Sequence[int]) -> None:
-        """``acc += sum_i signs[i] * PRG(seeds[i])`` (one AES-CTR call per seed)."""
+    def add_many(
+        self,
+        acc: np.ndarray,
+        seeds: Sequence[bytes],
+        signs: Sequence[int],
+        threads: int | None = None,
+    ) -> None:
+        """``acc += sum_i signs[i] * PRG(seeds[i])``.
+
+        With enough work the seeds are split over ``threads`` (default :func:`mask_threads`):
+        each thread expands its share of the seeds into its own accumulator and the partial
+        sums are added at the end (wrap-around addition is associative, so the result is the
+        same word for word).
+        """
         if len(seeds) != len(signs):
             raise SecAggError("add_many: seeds and signs differ in length")
-        for seed, sign in zip(seeds, signs, strict=True):
-            self.add(acc, seed, sign)
+        self._check(acc, "accumulator")
+        workers = min(len(seeds), mask_threads() if threads is None else max(1, threads))
+        if workers <= 1 or self.dim * len(seeds) < _PARALLEL_MIN_WORDS:
+            for seed, sign in zip(seeds, signs, strict=True):
+                self.add(acc, seed, sign)
+            return
+        partials = [acc] + [np.zeros(self.dim, dtype=self.dtype) for _ in range(workers - 1)]
+
+        def expand(i: int) -> None:
+            for j in range(i, len(seeds), workers):
+                self.add(partials[i], seeds[j], signs[j])
+
+        for future in [_pool().submit(expand, i) for i in range(workers)]:
+            future.result()
+        for part in partials[1:]:
+            np.add(acc, part, out=acc)
 
 
 def expand(seed: bytes, dim: int, bits: int) -> np.ndarray:

@@ -674,9 +674,15 @@ class SecAggClient:
         self._held = held
         expander = MaskExpander(self.dim, self.bits)
         y = expander.masked(x, self._b_seed)
-        for v in sorted(held):
-            seed = _pair_seed(self._s_key, self._peer_keys[v][1], self.round_id, me, v)
-            expander.add(y, seed, +1 if v < me else -1)
+        neighbours = sorted(held)
+        expander.add_many(
+            y,
+            [
+                _pair_seed(self._s_key, self._peer_keys[v][1], self.round_id, me, v)
+                for v in neighbours
+            ],
+            [+1 if v < me else -1 for v in neighbours],
+        )
         self._state = _ClientState.MASKED
         return MaskedInput(self.round_id, me, reduce(y, self.bits))
 
@@ -989,9 +995,8 @@ class SecAggServer:
         b_seeds = self._rebuild(b_shares)
         s_keys = self._rebuild(s_shares)
         total = self._total.copy()
-        expander = MaskExpander(self.dim, self.bits)
-        for u in sorted(b_seeds):
-            expander.add(total, b_seeds[u], -1)
+        seeds = [b_seeds[u] for u in sorted(b_seeds)]
+        signs = [-1] * len(seeds)
         for v in sorted(s_keys):
             key = X25519PrivateKey.from_private_bytes(s_keys[v])
             if _raw_public(key) != self._keys[v][1]:
@@ -1003,7 +1008,9 @@ class SecAggServer:
                 if u in self._u3:
                     seed = _pair_seed(key, self._keys[u][1], self.round_id, v, u)
                     # y_u holds +PRG(s_uv) when v < u and -PRG(s_uv) when v > u: undo it.
-                    expander.add(total, seed, -1 if v < u else +1)
+                    seeds.append(seed)
+                    signs.append(-1 if v < u else +1)
+        MaskExpander(self.dim, self.bits).add_many(total, seeds, signs)
         dropped = dict(self._dropped)
         dropped.pop(Phase.UNMASKING, None)  # late clients are still in the sum
         return AggregateResult(reduce(total, self.bits), tuple(sorted(self._u3)), dropped)
