@@ -57,3 +57,7 @@ class PrivacyError(MMShieldError):
 class SecAggError(MMShieldError):
     """Secure aggregation could not proceed: a refused request, a tampered share, too many
     dropouts or an unsafe configuration (the message names the client, the phase and the fix)."""
+
+
+class EncryptionError(MMShieldError):
+    """Homomorphic encryption could not proceed: bad parameters, keys, input or ciphertext."""
