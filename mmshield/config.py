@@ -340,6 +340,22 @@ class SecureAggregationConfig(_Strict):
     )
 
 
+class EncryptionConfig(_Strict):
+    """Homomorphically encrypted aggregation: the server adds ciphertexts, a key holder decrypts
+    only the sum (:mod:`mmshield.crypto.ckks`)."""
+
+    key_holder: Literal["client", "shared"] = Field(
+        default="client",
+        description="client: one designated client holds the secret key; shared: every client",
+    )
+    clip_range: float = Field(
+        default=1.0, gt=0, description="update values are quantised in [-c, c]; outside: clipped"
+    )
+    max_bytes_per_param: float = Field(
+        default=10.0, gt=0, description="ciphertext budget per value (sets the fixed-point scale)"
+    )
+
+
 class SimulationConfig(_Strict):
     """Where and how the simulator runs."""
 
@@ -365,6 +381,9 @@ class RunConfig(_Strict):
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     secure_aggregation: SecureAggregationConfig | None = Field(
         default=None, description="SecAgg+ for every round's sum (None: plaintext sums)"
+    )
+    encryption: EncryptionConfig | None = Field(
+        default=None, description="encrypted aggregation of every round's sum (None: plaintext)"
     )
 
     @model_validator(mode="after")
@@ -439,6 +458,33 @@ class RunConfig(_Strict):
             raise ValueError(
                 "secure_aggregation needs training.clients_per_round >= 2: the sum of one "
                 "client's update is that update"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _encryption_sound(self) -> RunConfig:
+        if self.encryption is None:
+            return self
+        if self.secure_aggregation is not None:
+            raise ValueError(
+                "encryption and secure_aggregation together are not supported: each already "
+                "hides the individual updates from the server; keep one of the two blocks"
+            )
+        if self.server.strategy in ("fedbuff", "scaffold"):
+            why = (
+                "FedBuff applies each client's update on its own as it arrives"
+                if self.server.strategy == "fedbuff"
+                else "SCAFFOLD's control variates would be sent in the clear"
+            )
+            raise ValueError(
+                f"encryption with server.strategy {self.server.strategy!r} is refused: {why}; use "
+                "fedavg, fedavgm, fedadam, fedyogi or fedadagrad"
+            )
+        if self.privacy.client_level is not None:
+            raise ValueError(
+                "encryption with privacy.client_level is not supported: the key holder would "
+                "decrypt an un-noised sum of clipped updates; use secure_aggregation with "
+                "privacy.client_level.noise: distributed, or privacy.sample_level"
             )
         return self
 

@@ -518,6 +518,7 @@ _CSP = (
 
 _DP_WORDS = re.compile(r"differential[\s_-]*privacy|\bdp(-?sgd)?\b", re.IGNORECASE)
 _SECAGG_WORDS = re.compile(r"secure[\s_-]*aggregation|\bsec[\s_-]*agg\b", re.IGNORECASE)
+_HE_WORDS = re.compile(r"homomorphic[\s_-]*encryption", re.IGNORECASE)
 
 
 def _dp_text(summary: Mapping[str, Any]) -> str:
@@ -535,6 +536,7 @@ def _protected_paragraph(summary: Mapping[str, Any]) -> str:
     epsilon = _number(summary.get("epsilon"))
     dp = epsilon is not None or any(_DP_WORDS.search(p) for p in protections)
     secagg = any(_SECAGG_WORDS.search(p) for p in protections)
+    encrypted = any(_HE_WORDS.search(p) for p in protections)
     sentences = [
         "Raw records never left their owner's client: clients trained locally and sent only "
         "model updates to the server."
@@ -556,6 +558,11 @@ def _protected_paragraph(summary: Mapping[str, Any]) -> str:
         sentences.append(
             "Secure aggregation hid each client's individual update from the server, which saw "
             "only the aggregate."
+        )
+    elif encrypted:
+        sentences.append(
+            "Homomorphic encryption hid each client's individual update from the server, which "
+            "only added ciphertexts; the key holder decrypted only the aggregate."
         )
     else:
         sentences.append(
@@ -613,6 +620,19 @@ def _results_rows(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
             rows.append(
                 (label, f"{_fmt_duration(seconds)} <span class='sub'>({seconds:,.1f} s)</span>")
             )
+    he = summary.get("encryption")
+    if isinstance(he, Mapping) and _number(he.get("plaintext_bytes_up")):
+        cipher, plain = (
+            _number(he.get("ciphertext_bytes_up")) or 0.0,
+            _number(he["plaintext_bytes_up"]) or 1.0,
+        )
+        rows.append(
+            (
+                "Encrypted uploads",
+                f"{_fmt_bytes(cipher)} of ciphertext; {_fmt_bytes(plain)} without encryption "
+                f"<span class='sub'>({cipher / plain:.2f}x)</span>",
+            )
+        )
     for key, label in (("bytes_up", "Sent to server"), ("bytes_down", "Sent to clients")):
         size = _number(summary.get(key))
         if size is not None:

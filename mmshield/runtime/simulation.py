@@ -33,6 +33,7 @@ from mmshield.models.model import MultimodalModel
 from mmshield.privacy.client_dp import ClientLevelDP, poisson_clients
 from mmshield.privacy.distributed_dp import SkellamFedAvg
 from mmshield.privacy.dpsgd import DPSGD, poisson_schedules
+from mmshield.runtime.encrypted_sum import EncryptedRound, EncryptedSum
 from mmshield.runtime.secure_sum import SecureRound, SecureSum
 from mmshield.runtime.systems import ClientSystems, SystemsProfile, steps_per_epoch
 
@@ -65,6 +66,8 @@ class RoundRecord:
     """The training phase the round belongs to (runs with ``training.phases``)."""
     secure: SecureRound | None = None
     """What secure aggregation did this round (``None``: it was off, or fewer than 2 clients)."""
+    encrypted: EncryptedRound | None = None
+    """What encrypted aggregation did this round (``None``: it was off, or no client reported)."""
 
 
 @dataclass
@@ -180,6 +183,7 @@ def simulate(
     first_round: int = 1,
     secure: SecureSum | None = None,
     distributed_dp: SkellamFedAvg | None = None,
+    encrypted: EncryptedSum | None = None,
 ) -> SimulationResult:
     """Run federated training of ``model`` over the clients of ``data``.
 
@@ -244,6 +248,10 @@ def simulate(
         Each release is charged first; one the budget cannot afford stops the run with a
         :class:`~mmshield.errors.PrivacyError` before it is released. No training loss is
         released (it would carry no noise).
+    encrypted
+        Homomorphically encrypted aggregation (:mod:`mmshield.runtime.encrypted_sum`): every
+        round's contributions (as for ``secure``) are encrypted by the clients, added as
+        ciphertexts and only the sum is decrypted.
 
     Returns
     -------
@@ -353,12 +361,12 @@ def simulate(
                     protected.update(inputs)
                     clipped += n_clipped
                     continue  # the training loss carries no noise: it is not released
-                elif secure is not None:
+                elif secure is not None or encrypted is not None:
                     protected.update(_contributions(update, weight_scale))
                 else:
                     acc.add(update.deltas, update.examples, update.modality_examples)
                 losses.append(update.loss)
-            secure_round, dp_mean = None, None
+            secure_round, dp_mean, encrypted_round = None, None, None
             if distributed_dp is not None:
                 assert secure is not None
                 silent = [int(c) for c in sampled if int(c) not in protected]
@@ -372,6 +380,14 @@ def simulate(
                     dp_mean = distributed_dp.release(
                         ring[0], ring[1], round_seed, global_params, f"round {rnd}", clipped
                     )
+            elif encrypted is not None:
+                summed = encrypted.sum(protected, f"round {rnd}")
+                if summed is None:
+                    chosen, losses = chosen[:0], []
+                else:
+                    enc_total, enc_included, encrypted_round = summed
+                    chosen = np.asarray(enc_included, dtype=np.int64)
+                    losses = [_add_secure_sum(acc, global_params, enc_total, len(enc_included))]
             elif secure is not None:
                 out = secure.sum(
                     protected,
@@ -419,7 +435,11 @@ def simulate(
                 test_accuracy=test_acc,
                 seconds=time.perf_counter() - t0,
                 bytes_up=(
-                    len(chosen) * model_bytes if secure_round is None else secure_round.bytes_up
+                    secure_round.bytes_up
+                    if secure_round is not None
+                    else encrypted_round.ciphertext_bytes
+                    if encrypted_round is not None
+                    else len(chosen) * model_bytes
                 ),
                 bytes_down=len(sampled) * model_bytes
                 + (0 if secure_round is None else secure_round.bytes_down),
@@ -430,6 +450,7 @@ def simulate(
                     None if population is None or plan is None else population.round_seconds(plan)
                 ),
                 secure=secure_round,
+                encrypted=encrypted_round,
             )
             result.history.append(record)
             if on_round is not None:
