@@ -19,6 +19,7 @@ length and no client pays page faults on fresh buffers.
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 from collections.abc import Iterator, Sequence
@@ -108,8 +109,11 @@ class MaskExpander:
         self.dtype = ring_dtype(bits)
         self._nbytes = dim * np.dtype(self.dtype).itemsize
 
-    def _keystream(self, seed: bytes) -> Iterator[tuple[slice, np.ndarray]]:
-        """``(slice, words)`` chunks of the keystream for ``seed``, in order.
+    def _keystream(
+        self, seed: bytes, start: int = 0, stop: int | None = None
+    ) -> Iterator[tuple[slice, np.ndarray]]:
+        """``(slice, words)`` chunks of the keystream for ``seed``, in order, for the words
+        ``start .. stop`` (``start`` a multiple of the words in a chunk).
 
         ``words`` lives in this thread's scratch buffer and is overwritten by the next chunk:
         use it before advancing the iterator.
@@ -120,9 +124,16 @@ class MaskExpander:
         out = buf.data
         words = buf[:_CHUNK].view(self.dtype)
         per_chunk = _CHUNK // words.itemsize
-        enc = Cipher(algorithms.AES(seed[:16]), modes.CTR(seed[16:])).encryptor()
-        for lo in range(0, self.dim, per_chunk):
-            hi = min(lo + per_chunk, self.dim)
+        stop = self.dim if stop is None else stop
+        # CTR mode can start anywhere: the counter block of word ``start`` is the seed's
+        # initial counter plus the blocks before it (mod 2^128, as CTR increments it).
+        counter = seed[16:]
+        if start:
+            skip = start * words.itemsize // _BLOCK
+            counter = ((int.from_bytes(counter, "big") + skip) % (1 << 128)).to_bytes(16, "big")
+        enc = Cipher(algorithms.AES(seed[:16]), modes.CTR(counter)).encryptor()
+        for lo in range(start, stop, per_chunk):
+            hi = min(lo + per_chunk, stop)
             if hi - lo == per_chunk:
                 enc.update_into(zeros, out)
                 yield slice(lo, hi), words
@@ -169,10 +180,10 @@ class MaskExpander:
     ) -> None:
         """``acc += sum_i signs[i] * PRG(seeds[i])``.
 
-        With enough work the seeds are split over ``threads`` (default :func:`mask_threads`):
-        each thread expands its share of the seeds into its own accumulator and the partial
-        sums are added at the end (wrap-around addition is associative, so the result is the
-        same word for word).
+        With enough work the vector is split over ``threads`` (default :func:`mask_threads`):
+        each thread expands every seed's keystream for its own contiguous part (CTR mode seeks
+        to it) and adds it there, so no partial sums are needed and each thread's part of the
+        accumulator stays in its cache across seeds; the words are the same.
         """
         if len(seeds) != len(signs):
             raise SecAggError("add_many: seeds and signs differ in length")
@@ -182,16 +193,22 @@ class MaskExpander:
             for seed, sign in zip(seeds, signs, strict=True):
                 self.add(acc, seed, sign)
             return
-        partials = [acc] + [np.zeros(self.dim, dtype=self.dtype) for _ in range(workers - 1)]
+        per_chunk = _CHUNK // np.dtype(self.dtype).itemsize
+        chunks = -(-self.dim // per_chunk)
+        bounds = [min(self.dim, per_chunk * (chunks * i // workers)) for i in range(workers + 1)]
 
-        def expand(i: int) -> None:
-            for j in range(i, len(seeds), workers):
-                self.add(partials[i], seeds[j], signs[j])
+        def expand(lo: int, hi: int) -> None:
+            for seed, sign in zip(seeds, signs, strict=True):
+                op = np.add if sign >= 0 else np.subtract
+                for part, words in self._keystream(seed, lo, hi):
+                    view = acc[part]
+                    op(view, words, out=view)
 
-        for future in [_pool().submit(expand, i) for i in range(workers)]:
+        futures = [
+            _pool().submit(expand, lo, hi) for lo, hi in itertools.pairwise(bounds) if hi > lo
+        ]
+        for future in futures:
             future.result()
-        for part in partials[1:]:
-            np.add(acc, part, out=acc)
 
 
 def expand(seed: bytes, dim: int, bits: int) -> np.ndarray:
