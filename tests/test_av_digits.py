@@ -117,3 +117,15 @@ def test_corrupt_file_raises_data_error(tmp_path: Path) -> None:
     np.savez_compressed(bad, images=np.zeros((2, 28, 28), np.uint8))
     with pytest.raises(DataError, match="lacks"):
         build_av_digits(source=bad)
+
+
+def test_subset_indexes_per_record_meta() -> None:
+    from mmshield.data.av_digits import load_av_digits
+
+    train, _ = load_av_digits()
+    part = train.subset([5, 2])
+    texts = train.meta["texts"]
+    assert isinstance(texts, list) and part.meta["texts"] == [texts[5], texts[2]]
+    degraded = train.meta["image_degraded"]
+    assert len(part.meta["image_degraded"]) == 2  # type: ignore[arg-type]
+    assert bool(part.meta["image_degraded"][0]) == bool(degraded[5])  # type: ignore[index]

@@ -108,8 +108,18 @@ class MultimodalDataset:
         raise KeyError(name)
 
     def subset(self, index: Sequence[int] | np.ndarray | torch.Tensor) -> MultimodalDataset:
-        """Return the records at ``index`` (a copy)."""
+        """Return the records at ``index`` (a copy); per-record ``meta`` entries (sequences with
+        one item per record) are indexed too."""
         idx = torch.as_tensor(np.asarray(index, dtype=np.int64))
+        n, rows = len(self), idx.tolist()
+        meta: dict[str, object] = {}
+        for key, value in self.meta.items():
+            if isinstance(value, torch.Tensor | np.ndarray) and len(value) == n:
+                meta[key] = value[idx] if isinstance(value, torch.Tensor) else value[rows]
+            elif isinstance(value, list | tuple) and len(value) == n:
+                meta[key] = [value[i] for i in rows]
+            else:
+                meta[key] = value
         return MultimodalDataset(
             specs=list(self.specs),
             inputs={k: v[idx] for k, v in self.inputs.items()},
@@ -118,7 +128,7 @@ class MultimodalDataset:
             classes=list(self.classes),
             ids=[self.ids[i] for i in idx.tolist()] if self.ids is not None else None,
             name=self.name,
-            meta=dict(self.meta),
+            meta=meta,
         )
 
     def with_presence(self, present: dict[str, torch.Tensor]) -> MultimodalDataset:
