@@ -707,7 +707,12 @@ def simulate_job(
         secure = SecureSum(
             sa.protocol, sa.bits, sa.clip_range, sa.dropout, sa.collusion, sa.failure_bits
         )
-        secure.check(job.clients_per_round)  # overflow or intolerable dropout: refuse up front
+        # Overflow or intolerable dropout: refuse up front. (Under distributed DP the clients
+        # encode for the ring themselves; DistributedSkellam sized it when the run was planned.)
+        if privacy.distributed_dp is None:
+            secure.check(job.clients_per_round)
+        else:
+            secure.parameters(job.clients_per_round)
     encrypted = None
     if config.encryption is not None:
         enc = config.encryption
