@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 
 from mmshield import __version__
 from mmshield.config import DistributionConfig, RunConfig, SystemsConfig, load_config
+from mmshield.crypto.ckks import COEFF_MOD_BIT_SIZES, POLY_MODULUS_DEGREE
 from mmshield.data.dataset import FederatedDataset, MultimodalDataset
 from mmshield.data.partition import (
     dirichlet_partition,
@@ -615,7 +616,6 @@ def _plan_skellam(job: Job) -> PrivacyPlan:
     eps = mech.epsilon_for(cap, None, dp.delta)
     fedavg = SkellamFedAvg(
         mech,
-        dp.clip_norm,
         m,
         SkellamAccount(dp.delta, eps, mech.l1, mech.l2),
         client_source=NoiseSource(cfg.secure_noise, job.seed, "skellam-clients"),
@@ -867,8 +867,9 @@ def _encryption_statement(config: RunConfig, rounds: list[EncryptedRound]) -> st
     ratio = f", {4 * cipher / plain:.2f} bytes per value" if plain else ""
     return (
         "homomorphic encryption: every round's client contributions were encrypted (BFV on "
-        "Microsoft SEAL via TenSEAL, N = 4096, 128-bit security) under the key holder's public "
-        "key; the server only added ciphertexts and the key holder decrypted only the sum. "
+        f"Microsoft SEAL via TenSEAL, N = {POLY_MODULUS_DEGREE}, moduli "
+        f"{list(COEFF_MOD_BIT_SIZES)}, 128-bit security) under the key holder's public key; the "
+        "server only added ciphertexts and the key holder decrypted only the sum. "
         f"{cipher / 1e6:.1f} MB of ciphertext went up ({plain / 1e6:.1f} MB as float32 "
         f"plaintext{ratio}); {clipped} value(s) outside ±{enc.clip_range:g} clipped before "
         f"encryption. Trust: {trust}, and the server must follow the protocol "

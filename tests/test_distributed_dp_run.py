@@ -47,7 +47,6 @@ def test_release_is_the_clipped_mean_plus_the_noise_of_the_shares_that_arrived()
     mech = DistributedSkellam(dim, clip=1.0, scale=2.0**10, mu=4e6, noise_shares=m, bits=32)
     fedavg = SkellamFedAvg(
         mech,
-        1.0,
         m,
         SkellamAccount(1e-5, 1e9, mech.l1, mech.l2),
         NoiseSource(False, 1, "clients"),
@@ -142,7 +141,6 @@ def test_colluding_clients_shares_are_not_counted() -> None:
     account = SkellamAccount(1e-5, 1e9, mech.l1, mech.l2)
     fedavg = SkellamFedAvg(
         mech,
-        1.0,
         10,
         account,
         NoiseSource(False, 0, "c"),

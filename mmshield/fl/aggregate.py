@@ -16,7 +16,7 @@ import torch
 from mmshield.models.model import modality_of_parameter
 
 
-def _weight_of(
+def weight_of(
     name: str, examples: torch.Tensor, modality_examples: Mapping[str, torch.Tensor]
 ) -> torch.Tensor:
     """A parameter's aggregation weight per client: records holding its encoder's modality."""
@@ -69,7 +69,7 @@ class ModalityAwareMean:
         """
         self.clients += int(examples.shape[0])
         for name, delta in deltas.items():
-            w = _weight_of(name, examples, modality_examples).to(delta.dtype)
+            w = weight_of(name, examples, modality_examples).to(delta.dtype)
             self._weight[name] += w.sum()
             if discount is not None:
                 w = w * discount.to(delta.dtype)
@@ -89,7 +89,7 @@ class ModalityAwareMean:
         """
         weighted, weights = {}, {}
         for name, delta in deltas.items():
-            w = _weight_of(name, examples, modality_examples).to(delta.dtype)
+            w = weight_of(name, examples, modality_examples).to(delta.dtype)
             weights[name] = w
             if discount is not None:
                 w = w * discount.to(delta.dtype)

@@ -64,7 +64,7 @@ import torch
 from mmshield.errors import ConfigError
 
 # The same per-parameter weight rule as the plain modality-aware mean, so the two cannot drift.
-from mmshield.fl.aggregate import _weight_of
+from mmshield.fl.aggregate import weight_of
 
 Tensor = torch.Tensor
 
@@ -88,7 +88,7 @@ def parameter_weights(
     dict
         ``name -> (K,)``, as :meth:`ModalityAwareMean.contributions` computes them.
     """
-    return {name: _weight_of(name, examples, modality_examples) for name in names}
+    return {name: weight_of(name, examples, modality_examples) for name in names}
 
 
 @dataclass

@@ -63,9 +63,8 @@ class SkellamFedAvg:
     ----------
     mechanism
         The distributed Skellam mechanism (its ``dim`` is the number of trained parameters,
-        its ``max_clients`` the most clients invited to one sum).
-    clip_norm
-        ``S``, the clip norm of a whole update.
+        its ``max_clients`` the most clients invited to one sum, its ``clip`` the clip norm
+        ``S`` of a whole update).
     expected_clients
         ``m``, the mean's denominator (clients invited per round).
     account
@@ -83,7 +82,6 @@ class SkellamFedAvg:
     def __init__(
         self,
         mechanism: DistributedSkellam,
-        clip_norm: float,
         expected_clients: int,
         account: SkellamAccount,
         client_source: NoiseSource,
@@ -91,14 +89,9 @@ class SkellamFedAvg:
         collusion: float = 0.0,
         max_participation: int | None = None,
     ) -> None:
-        if not clip_norm == mechanism.clip:
-            raise PrivacyError(
-                f"clip norm {clip_norm:g} differs from the mechanism's {mechanism.clip:g}"
-            )
         if not 0 <= collusion < 1:
             raise PrivacyError(f"collusion must be in [0, 1), got {collusion}")
         self.mechanism = mechanism
-        self.clip_norm = clip_norm
         self.expected_clients = expected_clients
         self.account = account
         self.client_source = client_source
@@ -106,6 +99,11 @@ class SkellamFedAvg:
         self.collusion = collusion
         self.max_participation = max_participation
         self.history: list[SkellamRound] = []
+
+    @property
+    def clip_norm(self) -> float:
+        """``S``, the clip norm of a whole update (the mechanism's)."""
+        return self.mechanism.clip
 
     @property
     def planned_multiplier(self) -> float:
